@@ -1,0 +1,31 @@
+"""Small utilities shared by the tests."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import strategies as st
+
+from refssl import gradcheck, registry
+
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+
+
+def draw_hyper(data, op) -> dict:
+    """Draw each float hyperparameter of ``op`` from its registered range."""
+    out = {}
+    for key, r in op.hyper_ranges.items():
+        if r.log:
+            out[key] = math.exp(data.draw(st.floats(math.log(r.low), math.log(r.high)), label=key))
+        else:
+            out[key] = data.draw(st.floats(r.low, r.high), label=key)
+    return out
+
+
+def assert_gradients(name_or_op, args, kwargs, rng=None, **kw):
+    """Gradcheck and fail with the full report."""
+    op = registry.get(name_or_op) if isinstance(name_or_op, str) else name_or_op
+    rep = gradcheck.check(op, args, kwargs, rng=rng, **kw)
+    assert rep.ok, rep.describe()
+    return rep
