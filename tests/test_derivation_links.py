@@ -16,7 +16,7 @@ MARK = re.compile(r"""derivation\(\s*["']([\w\-]+\.md)#([^"']+)["']\s*\)""")
 
 def _labels():
     out = {}
-    for md in sorted((ROOT / "derivations").glob("*.md")):
+    for md in sorted(p for p in (ROOT / "derivations").glob("*.md") if p.name != "README.md"):
         for label in TAG.findall(md.read_text(encoding="utf-8")):
             key = f"{md.name}#{label}"
             assert key not in out, f"duplicate label {key}"
