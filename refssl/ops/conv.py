@@ -1,0 +1,208 @@
+"""2-D convolution (im2col + one GEMM) and its adjoint, the transposed convolution.
+
+Both ops take NCHW tensors at their interface but work internally in NHWC, where every im2col row is a
+run of contiguous channel vectors: the window gather is a strided view (``as_strided``, no copy) that one
+``reshape`` turns into the column matrix, and the GEMM is a single ``@``.  The column matrix is kept in the
+cache and reused for the weight gradient.  The scatter-add that inverts im2col (col2im) loops over the
+KH*KW kernel offsets -- never over samples or pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from .. import validation as V
+from ..registry import register
+from ._layer_checks import nonneg_int, param, upstream
+
+
+def _windows(xp, kh, kw, stride, ho, wo):
+    """View of the KH x KW windows of padded NHWC ``xp``: shape (N, Ho, Wo, KH, KW, C), no copy."""
+    sn, sh, sw, sc = xp.strides
+    n, _, _, c = xp.shape
+    return as_strided(xp, shape=(n, ho, wo, kh, kw, c),
+                      strides=(sn, sh * stride, sw * stride, sh, sw, sc), writeable=False)
+
+
+def _col2im(cols, hp, wp, stride):
+    """Adjoint of :func:`_windows`: sum cols (N, Ho, Wo, KH, KW, C) into an (N, Hp, Wp, C) image."""
+    n, ho, wo, kh, kw, c = cols.shape
+    out = np.zeros((n, hp, wp, c), dtype=cols.dtype)
+    hspan, wspan = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            out[:, i:i + hspan:stride, j:j + wspan:stride, :] += cols[:, :, :, i, j, :]
+    return out
+
+
+def _nhwc_padded(x, padding):
+    """NCHW -> zero-padded NHWC copy (one pass)."""
+    n, c, h, w = x.shape
+    xp = np.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=x.dtype)
+    xp[:, padding:padding + h, padding:padding + w, :] = x.transpose(0, 2, 3, 1)
+    return xp
+
+
+def _check_conv_hyper(stride, padding):
+    return V.positive_int(stride, "stride"), nonneg_int(padding, "padding")
+
+
+def conv2d_forward(x, w, b, *, stride=1, padding=0):
+    """2-D cross-correlation (what deep-learning libraries call convolution), NCHW.
+
+        out[n, f, i, j] = b[f] + sum_{c, p, q} w[f, c, p, q] * xpad[n, c, stride*i + p, stride*j + q]
+
+    with xpad the input zero-padded by ``padding`` on each spatial side.
+    Shapes: x (N, C, H, W), w (F, C, KH, KW), b (F,) or ``None`` -> out (N, F, Ho, Wo) with
+    Ho = (H + 2*padding - KH) // stride + 1 (likewise Wo); PyTorch ``nn.Conv2d`` layout and semantics
+    (dilation 1, groups 1, zero padding).
+
+    Computed by im2col: an (N*Ho*Wo, KH*KW*C) column matrix (strided view + one copy) times the
+    reshaped weights, a single GEMM; the columns are reused for the weight gradient.
+
+    Reference: LeCun et al. 1998 (Proc. IEEE), "Gradient-based learning applied to document recognition";
+    Chellapilla, Puri & Simard 2006 (im2col); PyTorch torch/nn/modules/conv.py.
+    Backward: derivations/layers_backward.md#conv2d.
+    """
+    V.float_array(x, "x", ndim=4, shape_doc="(N, C, H, W)")
+    V.float_array(w, "w", ndim=4, shape_doc="(F, C, KH, KW)")
+    V.same_dtype([x, w], ["x", "w"])
+    stride, padding = _check_conv_hyper(stride, padding)
+    n, c, h, wd = x.shape
+    f, cw, kh, kw = w.shape
+    if cw != c:
+        raise ValueError(f"w must have shape (F, C, KH, KW) with C = x.shape[1] = {c}, got shape {w.shape}")
+    hp, wp = h + 2 * padding, wd + 2 * padding
+    if kh > hp or kw > wp:
+        raise ValueError(f"kernel {kh}x{kw} of w is larger than the padded input {hp}x{wp} of x")
+    if b is not None:
+        param(b, "b", (f,), "(F,)", x)
+    ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    xp = _nhwc_padded(x, padding)
+    cols = _windows(xp, kh, kw, stride, ho, wo).reshape(n * ho * wo, kh * kw * c)
+    wmat = w.transpose(0, 2, 3, 1).reshape(f, kh * kw * c)  # (F, KH*KW*C), matches the column order
+    out = cols @ wmat.T
+    if b is not None:
+        out += b
+    out = np.ascontiguousarray(out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2))
+    return out, (cols, wmat, x.shape, w.shape, stride, padding, b is not None)
+
+
+def conv2d_backward(cache, grad_out):
+    """dw = g_mat^T cols; db = sum g; dx = col2im(g_mat wmat), cropped by the padding."""
+    cols, wmat, xshape, wshape, stride, padding, has_b = cache
+    n, c, h, wd = xshape
+    f, _, kh, kw = wshape
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    g = upstream(grad_out, (n, f, ho, wo), cols.dtype)
+    gmat = g.transpose(0, 2, 3, 1).reshape(n * ho * wo, f)
+    dw = (gmat.T @ cols).reshape(f, kh, kw, c).transpose(0, 3, 1, 2)
+    dcols = (gmat @ wmat).reshape(n, ho, wo, kh, kw, c)
+    dxp = _col2im(dcols, h + 2 * padding, wd + 2 * padding, stride)
+    dx = dxp[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
+    return (np.ascontiguousarray(dx), np.ascontiguousarray(dw), (g.sum(axis=(0, 2, 3)) if has_b else None))
+
+
+def _conv_example(rng, dtype=np.float64):
+    n, c, f = (int(v) for v in rng.integers(1, 4, size=3))
+    k = int(rng.integers(1, 4))
+    stride, padding = int(rng.integers(1, 3)), int(rng.integers(0, 2))
+    h, wd = (int(v) for v in rng.integers(max(k - 2 * padding, 1), 6, size=2))
+    x = rng.standard_normal((n, c, h, wd)).astype(dtype)
+    w = (rng.standard_normal((f, c, k, k)) / np.sqrt(c * k * k)).astype(dtype)
+    b = rng.standard_normal(f).astype(dtype)
+    return (x, w, b), {"stride": stride, "padding": padding}
+
+
+register(
+    "conv2d",
+    forward=conv2d_forward,
+    backward=conv2d_backward,
+    example=_conv_example,
+    differentiable=(0, 1, 2),
+    reference="LeCun et al. 1998 (Proc. IEEE 86(11)); Chellapilla et al. 2006 (im2col); "
+              "PyTorch torch/nn/modules/conv.py (Conv2d)",
+    derivation="derivations/layers_backward.md#conv2d",
+)
+
+
+def conv_transpose2d_forward(x, w, b, *, stride=1, padding=0):
+    """Transposed 2-D convolution (the adjoint of :func:`conv2d_forward` in x), NCHW.
+
+        out[n, o, :, :] = b[o] + crop_padding( sum_{c, p, q} x[n, c, i, j] * w[c, o, p, q]
+                                               placed at row stride*i + p, column stride*j + q )
+
+    i.e. every input pixel scatters a weighted KH x KW kernel into the output, with stride ``stride``,
+    and ``padding`` rows/columns are cropped from each side.
+    Shapes: x (N, C_in, H, W), w (C_in, C_out, KH, KW), b (C_out,) or ``None`` -> out (N, C_out, Ho, Wo)
+    with Ho = (H - 1)*stride - 2*padding + KH (likewise Wo).  PyTorch ``nn.ConvTranspose2d`` layout and
+    semantics with output_padding 0, dilation 1, groups 1.  With b = None,
+    <conv2d(y; w), x> = <y, conv_transpose2d(x; w)> for the same w, stride and padding.
+
+    Reference: Zeiler et al. 2010 (CVPR), "Deconvolutional networks"; Dumoulin & Visin 2016,
+    arXiv 1603.07285 (ch. 4); PyTorch torch/nn/modules/conv.py (ConvTranspose2d).
+    Backward: derivations/layers_backward.md#conv_transpose2d.
+    """
+    V.float_array(x, "x", ndim=4, shape_doc="(N, C_in, H, W)")
+    V.float_array(w, "w", ndim=4, shape_doc="(C_in, C_out, KH, KW)")
+    V.same_dtype([x, w], ["x", "w"])
+    stride, padding = _check_conv_hyper(stride, padding)
+    n, c, h, wd = x.shape
+    cw, o, kh, kw = w.shape
+    if cw != c:
+        raise ValueError(f"w must have shape (C_in, C_out, KH, KW) with C_in = x.shape[1] = {c}, "
+                         f"got shape {w.shape}")
+    hp, wp = (h - 1) * stride + kh, (wd - 1) * stride + kw
+    if hp - 2 * padding < 1 or wp - 2 * padding < 1:
+        raise ValueError(f"padding={padding} crops the whole {hp}x{wp} output of x and w")
+    if b is not None:
+        param(b, "b", (o,), "(C_out,)", x)
+    xmat = x.transpose(0, 2, 3, 1).reshape(n * h * wd, c)
+    wmat = w.transpose(0, 2, 3, 1).reshape(c, kh * kw * o)  # rows: input channel; cols: (p, q, o)
+    cols = (xmat @ wmat).reshape(n, h, wd, kh, kw, o)
+    outp = _col2im(cols, hp, wp, stride)
+    out = outp[:, padding:hp - padding, padding:wp - padding, :]
+    if b is not None:
+        out = out + b
+    out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+    return out, (xmat, wmat, x.shape, w.shape, stride, padding, b is not None)
+
+
+def conv_transpose2d_backward(cache, grad_out):
+    """dx = im2col(pad(g)) wmat^T (a conv2d of g); dw = xmat^T im2col(pad(g)); db = sum g."""
+    xmat, wmat, xshape, wshape, stride, padding, has_b = cache
+    n, c, h, wd = xshape
+    _, o, kh, kw = wshape
+    hp, wp = (h - 1) * stride + kh, (wd - 1) * stride + kw
+    g = upstream(grad_out, (n, o, hp - 2 * padding, wp - 2 * padding), xmat.dtype)
+    gp = _nhwc_padded(g, padding)
+    gcols = _windows(gp, kh, kw, stride, h, wd).reshape(n * h * wd, kh * kw * o)
+    dx = (gcols @ wmat.T).reshape(n, h, wd, c).transpose(0, 3, 1, 2)
+    dw = (xmat.T @ gcols).reshape(c, kh, kw, o).transpose(0, 3, 1, 2)
+    return (np.ascontiguousarray(dx), np.ascontiguousarray(dw), (g.sum(axis=(0, 2, 3)) if has_b else None))
+
+
+def _convt_example(rng, dtype=np.float64):
+    n, c, o = (int(v) for v in rng.integers(1, 4, size=3))
+    k = int(rng.integers(1, 4))
+    stride, padding = int(rng.integers(1, 3)), int(rng.integers(0, 2))
+    if k <= 2 * padding:
+        padding = 0
+    h, wd = (int(v) for v in rng.integers(1 + padding, 5, size=2))  # output at least 1x1 after cropping
+    x = rng.standard_normal((n, c, h, wd)).astype(dtype)
+    w = (rng.standard_normal((c, o, k, k)) / np.sqrt(c * k * k)).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype)
+    return (x, w, b), {"stride": stride, "padding": padding}
+
+
+register(
+    "conv_transpose2d",
+    forward=conv_transpose2d_forward,
+    backward=conv_transpose2d_backward,
+    example=_convt_example,
+    differentiable=(0, 1, 2),
+    reference="Zeiler et al. 2010 (CVPR); Dumoulin & Visin 2016, arXiv 1603.07285; "
+              "PyTorch torch/nn/modules/conv.py (ConvTranspose2d)",
+    derivation="derivations/layers_backward.md#conv_transpose2d",
+)

@@ -1,0 +1,98 @@
+"""Fully connected layer and flatten."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import validation as V
+from ..registry import register
+from ._layer_checks import param, upstream
+
+
+def linear_forward(x, w, b):
+    """Affine map of a batch of rows.
+
+        out = x @ w + b
+
+    Shapes: x (N, D_in), w (D_in, D_out), b (D_out,) or ``None`` (no bias) -> out (N, D_out).
+    ``w`` is stored input-major (CS231n layout); PyTorch's ``nn.Linear.weight`` is its transpose.
+
+    Reference: the affine layer of any MLP, e.g. Goodfellow, Bengio & Courville (2016), ch. 6;
+    PyTorch torch/nn/modules/linear.py (``F.linear(x, W, b) = x W^T + b``).
+    Backward: derivations/layers_backward.md#linear.
+    """
+    V.float_array(x, "x", ndim=2, shape_doc="(N, D_in)")
+    V.float_array(w, "w", ndim=2, shape_doc="(D_in, D_out)")
+    V.same_dtype([x, w], ["x", "w"])
+    if w.shape[0] != x.shape[1]:
+        raise ValueError(f"w must have shape (D_in, D_out) with D_in = x.shape[1] = {x.shape[1]}, "
+                         f"got shape {w.shape}")
+    out = x @ w
+    if b is not None:
+        param(b, "b", (w.shape[1],), "(D_out,)", x)
+        out += b
+    return out, (x, w, b is not None)
+
+
+def linear_backward(cache, grad_out):
+    """dx = g w^T, dw = x^T g, db = sum_n g_n (None when the layer has no bias)."""
+    x, w, has_b = cache
+    g = upstream(grad_out, (x.shape[0], w.shape[1]), x.dtype)
+    return g @ w.T, x.T @ g, (g.sum(axis=0) if has_b else None)
+
+
+def _linear_example(rng, dtype=np.float64):
+    n, d, m = rng.integers(1, 7), rng.integers(1, 7), rng.integers(1, 7)
+    x = rng.standard_normal((n, d)).astype(dtype)
+    w = (rng.standard_normal((d, m)) / np.sqrt(d)).astype(dtype)
+    b = rng.standard_normal(m).astype(dtype)
+    return (x, w, b), {}
+
+
+register(
+    "linear",
+    forward=linear_forward,
+    backward=linear_backward,
+    example=_linear_example,
+    differentiable=(0, 1, 2),
+    reference="Goodfellow, Bengio & Courville 2016 (Deep Learning) ch. 6; PyTorch torch/nn/modules/linear.py",
+    derivation="derivations/layers_backward.md#linear",
+)
+
+
+def flatten_forward(x):
+    """Flatten every axis but the batch axis.
+
+        out[n] = x[n].reshape(-1)
+
+    Shapes: x (N, d_1, ..., d_k) -> out (N, d_1 * ... * d_k), C order (PyTorch ``nn.Flatten``).
+
+    Reference: PyTorch torch/nn/modules/flatten.py.  Backward: derivations/layers_backward.md#flatten.
+    """
+    V.float_array(x, "x", shape_doc="(N, ...)")
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (N, ...) with at least 2 axes, got shape {x.shape}")
+    return x.reshape(x.shape[0], -1), (x.shape, x.dtype)
+
+
+def flatten_backward(cache, grad_out):
+    """The upstream gradient reshaped back to the input shape."""
+    shape, dtype = cache
+    g = upstream(grad_out, (shape[0], int(np.prod(shape[1:]))), dtype)
+    return (g.reshape(shape),)
+
+
+def _flatten_example(rng, dtype=np.float64):
+    shape = (rng.integers(1, 4),) + tuple(rng.integers(1, 4, size=rng.integers(1, 4)))
+    return (rng.standard_normal(shape).astype(dtype),), {}
+
+
+register(
+    "flatten",
+    forward=flatten_forward,
+    backward=flatten_backward,
+    example=_flatten_example,
+    differentiable=(0,),
+    reference="PyTorch torch/nn/modules/flatten.py",
+    derivation="derivations/layers_backward.md#flatten",
+)
