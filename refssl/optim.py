@@ -129,7 +129,7 @@ class Adam(_Optimizer):
         super().__init__(lr, weight_decay, exclude)
         self.beta1 = V.in_range(betas[0], "betas[0]", 0.0, 1.0, high_open=True)
         self.beta2 = V.in_range(betas[1], "betas[1]", 0.0, 1.0, high_open=True)
-        self.eps = V.positive(eps, "eps")
+        self.eps = V.in_range(eps, "eps", 0.0, math.inf)
 
     def _update(self, name, w, grad, bufs, lr, t):
         wd = self._decay(name)

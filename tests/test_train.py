@@ -1,0 +1,171 @@
+"""The trainer: gradients of the whole two-view objective, determinism, checkpoint/resume, progress line.
+
+The losses here are tiny op-like objects defined in this file, so the trainer is tested independently
+of the registered SSL losses.
+"""
+
+import io
+import os
+import re
+
+import numpy as np
+import pytest
+
+from refssl import nn, optim
+from refssl.nn import subdict
+from refssl.train import Trainer
+
+
+class HalfSquaredDistance:
+    """L = 1/(2N) sum_n ||a_n - b_n||^2 (op interface)."""
+
+    def forward(self, a, b):
+        d = a - b
+        return 0.5 * np.sum(d * d) / len(a), (d, len(a))
+
+    def backward(self, cache, g):
+        d, n = cache
+        return (float(g) / n * d).astype(d.dtype), (-float(g) / n * d).astype(d.dtype)
+
+
+class NegCosine:
+    """L = -mean_n cos(a_n, b_n) (SimSiam's D), hand backward."""
+
+    def forward(self, a, b):
+        na = np.linalg.norm(a, axis=1, keepdims=True)
+        nb = np.linalg.norm(b, axis=1, keepdims=True)
+        ah, bh = a / na, b / nb
+        return -np.mean(np.sum(ah * bh, axis=1)), (ah, bh, na, nb)
+
+    def backward(self, cache, g):
+        ah, bh, na, nb = cache
+        n = len(ah)
+        c = np.sum(ah * bh, axis=1, keepdims=True)
+        da = -float(g) / n * (bh - c * ah) / na
+        db = -float(g) / n * (ah - c * bh) / nb
+        return da, db
+
+
+def pair_stream(seed=7, n=16, d=6, noise=0.1, dtype=np.float64):
+    """A deterministic function of the step: batch t is drawn from default_rng([seed, t])."""
+    def data(start):
+        t = start
+        while True:
+            r = np.random.default_rng([seed, t])
+            x = r.standard_normal((n, d))
+            yield (x + noise * r.standard_normal(x.shape)).astype(dtype), \
+                  (x + noise * r.standard_normal(x.shape)).astype(dtype)
+            t += 1
+    return data
+
+
+def make_trainer(seed=0, predictor=True, loss=None, dtype=np.float64, **kw):
+    return Trainer(nn.mlp([6, 8, 5], norm="batch"), loss or NegCosine(),
+                   optim.SGD(lr=0.05, momentum=0.9, weight_decay=1e-4),
+                   projector=nn.mlp([5, 7, 4], norm="batch"),
+                   predictor=nn.mlp([4, 6, 4], norm="batch") if predictor else None,
+                   seed=seed, dtype=dtype, log_every=0, **kw)
+
+
+def _objective(tr, online, target, x1, x2):
+    """The two-view objective re-assembled from the modules; ``target`` feeds the stop-gradient branch."""
+    def chain(params, names, x):
+        for name in names:
+            x = tr.nets[name].forward(subdict(params, name), subdict(tr.buffers, name), x, train=True)[0]
+        return x
+    trunk = ["enc", "proj"]
+    if "pred" not in tr.nets:
+        return tr.loss.forward(chain(online, trunk, x1), chain(online, trunk, x2))[0]
+    p1, p2 = chain(online, trunk + ["pred"], x1), chain(online, trunk + ["pred"], x2)
+    t1, t2 = chain(target, trunk, x1), chain(target, trunk, x2)
+    return 0.5 * (tr.loss.forward(p1, t2)[0] + tr.loss.forward(p2, t1)[0])
+
+
+@pytest.mark.parametrize("predictor,loss", [(False, HalfSquaredDistance()), (True, NegCosine())])
+def test_trainer_gradients_match_finite_differences(predictor, loss):
+    tr = make_trainer(predictor=predictor, loss=loss)
+    x1, x2 = next(pair_stream(noise=0.5)(0))
+    value, grads, _ = tr.loss_and_grads(x1, x2)
+    assert value == pytest.approx(_objective(tr, tr.params, tr.params, x1, x2), rel=1e-12)
+    assert set(grads) == set(tr.params)
+    rng = np.random.default_rng(0)
+    h = 1e-6
+    for key in sorted(tr.params):
+        for _ in range(2):
+            idx = tuple(int(rng.integers(s)) for s in tr.params[key].shape)
+            plus = {k: v.copy() for k, v in tr.params.items()}
+            minus = {k: v.copy() for k, v in tr.params.items()}
+            plus[key][idx] += h
+            minus[key][idx] -= h
+            # Perturb the online branch only: the target branch is a constant (stop-gradient).
+            fd = (_objective(tr, plus, tr.params, x1, x2) - _objective(tr, minus, tr.params, x1, x2)) / (2 * h)
+            assert grads[key][idx] == pytest.approx(fd, rel=1e-5, abs=1e-8), (key, idx)
+
+
+def test_loss_falls_and_buffers_move():
+    tr = make_trainer(predictor=False, loss=HalfSquaredDistance())
+    before = {k: v.copy() for k, v in tr.buffers.items()}
+    losses = tr.fit(pair_stream(), steps=60)
+    assert len(losses) == 60 and tr.step == 60
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+    assert any(not np.array_equal(before[k], tr.buffers[k]) for k in before)
+    z = tr.encode(next(pair_stream()(0))[0])
+    assert z.shape == (16, 5) and np.all(np.isfinite(z))
+
+
+def test_same_seed_same_run_different_seed_different_run():
+    a, b, c = make_trainer(seed=1), make_trainer(seed=1), make_trainer(seed=2)
+    for t in (a, b, c):
+        t.fit(pair_stream(), steps=8)
+    assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+    assert a.history == b.history
+    assert not all(np.array_equal(a.params[k], c.params[k]) for k in a.params)
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    ckpt = tmp_path / "run.npz"
+    straight = make_trainer(seed=3)
+    straight.fit(pair_stream(), steps=12)
+
+    first = make_trainer(seed=3, checkpoint_path=ckpt, checkpoint_every=6)
+    first.fit(pair_stream(), steps=6)
+    assert ckpt.exists() and os.listdir(tmp_path) == ["run.npz"]
+    resumed = make_trainer(seed=99)                   # different init, overwritten by the checkpoint
+    resumed.load_checkpoint(ckpt)
+    assert resumed.step == 6
+    resumed.fit(pair_stream(), steps=12)
+    for k in straight.params:
+        np.testing.assert_array_equal(resumed.params[k], straight.params[k])
+    for k in straight.opt_state:
+        np.testing.assert_array_equal(resumed.opt_state[k], straight.opt_state[k])
+    for k in straight.buffers:
+        np.testing.assert_array_equal(resumed.buffers[k], straight.buffers[k])
+    assert resumed.history == straight.history[6:]
+
+
+def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
+    ckpt = tmp_path / "a.npz"
+    make_trainer(predictor=False).save_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="do not match"):
+        make_trainer(predictor=True).load_checkpoint(ckpt)
+
+
+def test_progress_line_and_schedule(tmp_path):
+    out = io.StringIO()
+    sch = optim.CosineSchedule(0.05, total_steps=10, warmup_steps=2)
+    tr = Trainer(nn.mlp([6, 4]), HalfSquaredDistance(), optim.SGD(lr=1.0, momentum=0.0), schedule=sch,
+                 dtype=np.float32, log_every=5, stream=out)
+    tr.fit(pair_stream(dtype=np.float64), steps=10)   # float64 data is cast to the float32 model
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 2
+    pat = re.compile(r"^step (5|10)/10  loss \d+\.\d{4}  \d+\.\d pairs/s  ETA \d+:\d\d:\d\d$")
+    assert all(pat.match(line) for line in lines), lines
+    assert all(v.dtype == np.float32 for v in tr.params.values())
+
+
+def test_bad_data_is_reported():
+    tr = make_trainer(predictor=False)
+    with pytest.raises(ValueError, match="ran out after 2"):
+        tr.fit([next(pair_stream()(0))] * 2, steps=5)
+    with pytest.raises(ValueError, match="same shape"):
+        tr.train_step(np.zeros((4, 6)), np.zeros((3, 6)))
