@@ -171,7 +171,7 @@ def check(op, args, kwargs=None, *, rng=None, grad_out=None, h=1e-6, full_max_si
             for d in range(n_directions):
                 u = rng.standard_normal(x.shape)
                 u /= np.linalg.norm(u)
-                fd = (f(k, x + step * u) - f(k, x - step * u)) / (2 * step)
+                fd = (f(k, np.asarray(x + step * u)) - f(k, np.asarray(x - step * u))) / (2 * step)
                 an = float(np.sum(gk * u))
                 scale = max(float(np.linalg.norm(gk)), abs(fd), floor)
                 r = InputReport(k, "fast", abs(an - fd) / scale, f"random direction {d}", an, fd)
