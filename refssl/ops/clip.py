@@ -40,7 +40,7 @@ def clip_forward(img, txt, logit_scale):
     V.float_array(img, "img", ndim=2, shape_doc="(N, D)")
     V.float_array(txt, "txt", ndim=2, shape_doc="(N, D)")
     V.same_shape([img, txt], ["img", "txt"])
-    V.scalar_array(logit_scale, "logit_scale")
+    logit_scale = V.scalar_array(logit_scale, "logit_scale")
     V.same_dtype([img, txt, logit_scale], ["img", "txt", "logit_scale"])
     dt = img.dtype
     with np.errstate(over="ignore"):
@@ -81,7 +81,7 @@ def clamp_logit_scale(logit_scale, *, min_value=0.0, max_value=LOGIT_SCALE_MAX):
     differentiable graph: the clamp acts on the parameter, as in open_clip's
     training loop, so the multiplier exp(s) stays in [1, 100].
     """
-    V.scalar_array(logit_scale, "logit_scale")
+    logit_scale = V.scalar_array(logit_scale, "logit_scale")
     lo, hi = float(min_value), float(max_value)
     if lo > hi:
         raise ValueError(f"min_value must be <= max_value, got {lo} > {hi}")
