@@ -102,10 +102,10 @@ class Trainer:
             buffers = {**buffers, **nnio.prefixed(s, name)}
         return x, caches, buffers
 
-    def _chain_backward(self, caches, names, dout, grads):
-        """Reverse chain; returns (gradient w.r.t. the chain input, grads summed into a new dict)."""
+    def _chain_backward(self, caches, names, dout, grads, need_dx=True):
+        """Reverse chain; returns (gradient w.r.t. the chain input or None, grads summed into a new dict)."""
         for name, c in zip(reversed(names), reversed(caches)):
-            dout, g = self.nets[name].backward(c, dout)
+            dout, g = self.nets[name].backward(c, dout, need_dx=need_dx or name != names[0])
             grads = nnio.add_into(grads, nnio.prefixed(g, name))
         return dout, grads
 
@@ -131,8 +131,9 @@ class Trainer:
             half = self.dtype.type(0.5)
             dz1, grads = self._chain_backward(pc1, ["pred"], half * self.loss.backward(ca, 1.0)[0], grads)
             dz2, grads = self._chain_backward(pc2, ["pred"], half * self.loss.backward(cb, 1.0)[0], grads)
-        _, grads = self._chain_backward(c1, trunk, np.asarray(dz1, dtype=self.dtype), grads)
-        _, grads = self._chain_backward(c2, trunk, np.asarray(dz2, dtype=self.dtype), grads)
+        # The images need no gradient: the encoder's first layer skips it.
+        _, grads = self._chain_backward(c1, trunk, np.asarray(dz1, dtype=self.dtype), grads, need_dx=False)
+        _, grads = self._chain_backward(c2, trunk, np.asarray(dz2, dtype=self.dtype), grads, need_dx=False)
         loss = float(loss)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {self.step}")

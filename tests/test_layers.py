@@ -367,3 +367,17 @@ def test_save_load_roundtrip_is_atomic(tmp_path):
         nn.save_npz(path, {"x": Boom()})
     assert os.listdir(tmp_path) == ["p.npz"]
     assert sorted(nn.load_npz(path)) == sorted(back)  # the old file survives a failed write
+
+
+def test_first_layer_may_skip_the_input_gradient():
+    net = nn.cnn_encoder(channels=(3,), out_dim=4, image_size=8)
+    params, state = net.init(np.random.default_rng(0), np.float64)
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8))
+    z, cache, _ = net.forward(params, state, x)
+    g = np.random.default_rng(2).standard_normal(z.shape)
+    dx, full = net.backward(cache, g)
+    none, partial = net.backward(cache, g, need_dx=False)
+    assert dx.shape == x.shape and none is None
+    assert full.keys() == partial.keys()
+    for k in full:
+        np.testing.assert_array_equal(full[k], partial[k])

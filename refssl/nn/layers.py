@@ -9,7 +9,10 @@ Every module implements
 
     init(rng, dtype)                          -> (params, state)
     forward(params, state, x, *, train=True)  -> (out, cache, new_state)
-    backward(cache, dout)                     -> (dx, grads)
+    backward(cache, dout, *, need_dx=True)    -> (dx, grads)
+
+``need_dx=False`` lets the first layer of a network skip the gradient of its input (the images), which
+for a convolution saves a GEMM and the col2im scatter; ``dx`` is then None.
 
 ``forward`` never mutates ``params`` or ``state``: a module with buffers returns a new state dict in
 training mode and the same one in evaluation mode.
@@ -38,7 +41,8 @@ class Module:
     def forward(self, params, state, x, *, train=True):
         raise NotImplementedError
 
-    def backward(self, cache, dout):
+    def backward(self, cache, dout, *, need_dx=True):
+        """(dx, grads).  With ``need_dx=False`` a module may skip the input gradient and return None."""
         raise NotImplementedError
 
     def __call__(self, params, state, x, *, train=False):
@@ -74,7 +78,7 @@ class Linear(Module):
         out, cache = linear.linear_forward(x, params["w"], params.get("b"))
         return out, cache, state
 
-    def backward(self, cache, dout):
+    def backward(self, cache, dout, *, need_dx=True):
         dx, dw, db = linear.linear_backward(cache, dout)
         return dx, ({"w": dw, "b": db} if db is not None else {"w": dw})
 
@@ -99,8 +103,11 @@ class Conv2d(Module):
                                          padding=self.padding)
         return out, cache, state
 
-    def backward(self, cache, dout):
-        dx, dw, db = conv.conv2d_backward(cache, dout)
+    def backward(self, cache, dout, *, need_dx=True):
+        if need_dx:
+            dx, dw, db = conv.conv2d_backward(cache, dout)
+        else:
+            dx, (dw, db) = None, conv.conv2d_param_grads(cache, dout)
         return dx, ({"w": dw, "b": db} if db is not None else {"w": dw})
 
 
@@ -127,7 +134,7 @@ class ConvTranspose2d(Module):
                                                    padding=self.padding)
         return out, cache, state
 
-    def backward(self, cache, dout):
+    def backward(self, cache, dout, *, need_dx=True):
         dx, dw, db = conv.conv_transpose2d_backward(cache, dout)
         return dx, ({"w": dw, "b": db} if db is not None else {"w": dw})
 
@@ -144,7 +151,7 @@ class _Pointwise(Module):
         out, cache = type(self)._fwd(x, **self._kwargs())
         return out, cache, state
 
-    def backward(self, cache, dout):
+    def backward(self, cache, dout, *, need_dx=True):
         return type(self)._bwd(cache, dout)[0], {}
 
 
@@ -198,7 +205,7 @@ class Unflatten(Module):
                              f"(N, {', '.join(map(str, self.shape))}), got shape {x.shape}")
         return x.reshape((x.shape[0],) + self.shape), x.shape, state
 
-    def backward(self, cache, dout):
+    def backward(self, cache, dout, *, need_dx=True):
         return np.asarray(dout).reshape(cache), {}
 
 
@@ -228,7 +235,7 @@ class BatchNorm(Module):
                                                          eps=self.eps)
         return out, (False, cache), state
 
-    def backward(self, cache, dout):
+    def backward(self, cache, dout, *, need_dx=True):
         train, c = cache
         bwd = norm_layers.batch_norm_backward if train else norm_layers.batch_norm_eval_backward
         dx, dgamma, dbeta = bwd(c, dout)[:3]
@@ -248,7 +255,7 @@ class LayerNorm(Module):
         out, cache = norm_layers.layer_norm_forward(x, params["gamma"], params["beta"], eps=self.eps)
         return out, cache, state
 
-    def backward(self, cache, dout):
+    def backward(self, cache, dout, *, need_dx=True):
         dx, dgamma, dbeta = norm_layers.layer_norm_backward(cache, dout)
         return dx, {"gamma": dgamma, "beta": dbeta}
 
@@ -284,10 +291,10 @@ class Sequential(Module):
             new_state.update({f"{i}.{k}": v for k, v in s.items()})
         return x, caches, new_state
 
-    def backward(self, cache, dout):
+    def backward(self, cache, dout, *, need_dx=True):
         grads = {}
         for i in range(len(self.layers) - 1, -1, -1):
-            dout, g = self.layers[i].backward(cache[i], dout)
+            dout, g = self.layers[i].backward(cache[i], dout, need_dx=need_dx or i > 0)
             grads.update({f"{i}.{k}": v for k, v in g.items()})
         return dout, grads
 

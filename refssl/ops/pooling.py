@@ -1,9 +1,8 @@
-"""2-D average and max pooling (NCHW, no padding) via strided window views."""
+"""2-D average and max pooling (NCHW, no padding), vectorised over samples and pixels."""
 
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from .. import validation as V
 from ..registry import register
@@ -20,27 +19,16 @@ def _pool_setup(x, kernel, stride):
     return kernel, stride, (h - kernel) // stride + 1, (w - kernel) // stride + 1
 
 
-def _windows(x, k, stride, ho, wo):
-    """View (N, C, Ho, Wo, k, k) of the pooling windows of NCHW ``x``, no copy."""
-    sn, sc, sh, sw = x.strides
-    n, c = x.shape[:2]
-    return as_strided(x, shape=(n, c, ho, wo, k, k),
-                      strides=(sn, sc, sh * stride, sw * stride, sh, sw), writeable=False)
+def _offsets(x, k, stride, ho, wo):
+    """The k*k strided slices x[:, :, p::stride, q::stride] (each (N, C, Ho, Wo), views), row-major in (p, q).
 
-
-def _scatter(vals, xshape, stride):
-    """Adjoint of :func:`_windows`: sum window values (N, C, Ho, Wo, k, k) back into an image."""
-    n, c, ho, wo, k, _ = vals.shape
-    out = np.zeros(xshape, dtype=vals.dtype)
-    if stride == k:  # non-overlapping windows: a pure reshape (the common case)
-        blk = vals.transpose(0, 1, 2, 4, 3, 5).reshape(n, c, ho * k, wo * k)
-        out[:, :, :ho * k, :wo * k] = blk
-        return out
+    Pooling loops over these k*k kernel offsets (never over samples or pixels): each pass is one
+    vectorised elementwise operation on an output-sized array.
+    """
     hs, ws = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-    for i in range(k):
-        for j in range(k):
-            out[:, :, i:i + hs:stride, j:j + ws:stride] += vals[:, :, :, :, i, j]
-    return out
+    for p in range(k):
+        for q in range(k):
+            yield (slice(None), slice(None), slice(p, p + hs, stride), slice(q, q + ws, stride))
 
 
 def avg_pool2d_forward(x, *, kernel=2, stride=None):
@@ -55,7 +43,10 @@ def avg_pool2d_forward(x, *, kernel=2, stride=None):
     torch/nn/modules/pooling.py (AvgPool2d).  Backward: derivations/layers_backward.md#avg_pool2d.
     """
     kernel, stride, ho, wo = _pool_setup(x, kernel, stride)
-    out = _windows(x, kernel, stride, ho, wo).mean(axis=(4, 5))
+    out = np.zeros((x.shape[0], x.shape[1], ho, wo), dtype=x.dtype)
+    for sl in _offsets(x, kernel, stride, ho, wo):
+        out += x[sl]
+    out *= x.dtype.type(1.0 / (kernel * kernel))
     return out, (x.shape, x.dtype, kernel, stride)
 
 
@@ -63,9 +54,12 @@ def avg_pool2d_backward(cache, grad_out):
     """Each window receives its output gradient divided by kernel^2."""
     xshape, dtype, k, stride = cache
     n, c, h, w = xshape
-    g = upstream(grad_out, (n, c, (h - k) // stride + 1, (w - k) // stride + 1), dtype)
-    vals = np.broadcast_to((g / dtype.type(k * k))[..., None, None], g.shape + (k, k))
-    return (_scatter(vals, xshape, stride),)
+    ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
+    g = upstream(grad_out, (n, c, ho, wo), dtype) * dtype.type(1.0 / (k * k))
+    dx = np.zeros(xshape, dtype=dtype)
+    for sl in _offsets(dx, k, stride, ho, wo):
+        dx[sl] += g
+    return (dx,)
 
 
 def _distinct_image(rng, dtype):
@@ -108,9 +102,14 @@ def max_pool2d_forward(x, *, kernel=2, stride=None):
     Backward: derivations/layers_backward.md#max_pool2d.
     """
     kernel, stride, ho, wo = _pool_setup(x, kernel, stride)
-    win = _windows(x, kernel, stride, ho, wo).reshape(x.shape[0], x.shape[1], ho, wo, kernel * kernel)
-    arg = np.argmax(win, axis=-1)
-    out = np.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
+    offsets = _offsets(x, kernel, stride, ho, wo)
+    out = x[next(offsets)].copy()
+    arg = np.zeros(out.shape, dtype=np.int8 if kernel * kernel < 128 else np.int32)
+    for idx, sl in enumerate(offsets, start=1):
+        v = x[sl]
+        better = v > out  # strict: the first maximum in row-major window order wins ties
+        np.copyto(out, v, where=better)
+        np.copyto(arg, idx, where=better, casting="unsafe")
     return out, (x.shape, x.dtype, kernel, stride, arg)
 
 
@@ -118,9 +117,13 @@ def max_pool2d_backward(cache, grad_out):
     """The output gradient is routed to the arg-max entry of each window."""
     xshape, dtype, k, stride, arg = cache
     g = upstream(grad_out, arg.shape, dtype)
-    vals = np.zeros(arg.shape + (k * k,), dtype=dtype)
-    np.put_along_axis(vals, arg[..., None], g[..., None], axis=-1)
-    return (_scatter(vals.reshape(arg.shape + (k, k)), xshape, stride),)
+    dx = np.zeros(xshape, dtype=dtype)
+    for idx, sl in enumerate(_offsets(dx, k, stride, *arg.shape[2:])):
+        if stride >= k:  # windows do not overlap: each input entry is written at most once
+            np.copyto(dx[sl], g, where=arg == idx)
+        else:
+            dx[sl] += np.where(arg == idx, g, dtype.type(0))
+    return (dx,)
 
 
 register(
