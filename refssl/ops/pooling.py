@@ -108,8 +108,8 @@ def max_pool2d_forward(x, *, kernel=2, stride=None):
     for idx, sl in enumerate(offsets, start=1):
         v = x[sl]
         better = v > out  # strict: the first maximum in row-major window order wins ties
-        np.copyto(out, v, where=better)
-        np.copyto(arg, idx, where=better, casting="unsafe")
+        np.maximum(out, v, out=out)
+        arg = np.where(better, arg.dtype.type(idx), arg)
     return out, (x.shape, x.dtype, kernel, stride, arg)
 
 
@@ -118,11 +118,12 @@ def max_pool2d_backward(cache, grad_out):
     xshape, dtype, k, stride, arg = cache
     g = upstream(grad_out, arg.shape, dtype)
     dx = np.zeros(xshape, dtype=dtype)
+    zero = dtype.type(0)
     for idx, sl in enumerate(_offsets(dx, k, stride, *arg.shape[2:])):
         if stride >= k:  # windows do not overlap: each input entry is written at most once
-            np.copyto(dx[sl], g, where=arg == idx)
+            dx[sl] = np.where(arg == idx, g, zero)
         else:
-            dx[sl] += np.where(arg == idx, g, dtype.type(0))
+            dx[sl] += np.where(arg == idx, g, zero)
     return (dx,)
 
 
