@@ -202,9 +202,7 @@ def sample_factors(n: int, rng: np.random.Generator) -> Factors:
 def _signed_distance(f: Factors, grid: np.ndarray) -> np.ndarray:
     """Signed distance (negative inside) from each grid point to each shape's boundary, (n, G, G) float32.
 
-    ``grid`` holds the G sample coordinates along one axis (fractions of the side).  Polygons use the
-    maximum over edges of the distance to the edge's line, which is exact inside and along the edges
-    (so the anti-aliasing ramp is exact there) and keeps the corners sharp.
+    ``grid`` holds the G sample coordinates along one axis (fractions of the side).
     """
     n, g = len(f), len(grid)
     out = np.empty((n, g, g), dtype=np.float32)
@@ -226,10 +224,26 @@ def _signed_distance(f: Factors, grid: np.ndarray) -> np.ndarray:
         phi0 = np.pi / 2 if name == "triangle" else 0.0
         theta = f.rotation[idx, None] + phi0 + 2 * np.pi * np.arange(n_edges)[None, :] / n_edges
         cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
-        d = x * cos[:, 0, None, None] + y * sin[:, 0, None, None]
-        for k in range(1, n_edges):
-            np.maximum(d, x * cos[:, k, None, None] + y * sin[:, k, None, None], out=d)
-        out[idx] = d - (inradius * rr)
+        rho = inradius * rr  # (m, 1, 1)
+        half_edge = rho * np.float32(np.tan(np.pi / n_edges))
+        inside = None
+        dist2 = None
+        for k in range(n_edges):
+            c, s_ = cos[:, k, None, None], sin[:, k, None, None]
+            # a: signed distance to the edge's line; e: how far past the edge's end the point projects.
+            # The distance to the edge (a segment) is sqrt(a^2 + max(e, 0)^2).
+            a = x * c + y * s_ - rho
+            e = np.maximum(np.abs(y * c - x * s_) - half_edge, 0.0)
+            d2 = a * a + e * e
+            if k == 0:
+                inside, dist2 = a, d2
+            else:
+                np.maximum(inside, a, out=inside)
+                np.minimum(dist2, d2, out=dist2)
+        # Exact signed distance of a convex polygon: inside, minus the distance to the nearest edge line
+        # (= max of the signed line distances); outside, the distance to the nearest edge segment, which
+        # rounds the ramp around corners so that coverage never reaches more than half a pixel outside.
+        out[idx] = np.where(inside > 0, np.sqrt(dist2), inside)
     return out
 
 
