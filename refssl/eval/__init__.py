@@ -1,0 +1,13 @@
+"""Evaluation of frozen representations: probes per latent factor, retrieval grids, invariance measures,
+collapse and clustering diagnostics.  See :mod:`refssl.eval.probes`, :mod:`refssl.eval.retrieval`,
+:mod:`refssl.eval.invariance`, :mod:`refssl.eval.metrics`.
+"""
+
+from .invariance import InvarianceResult, firing_thresholds, invariance_scores  # noqa: F401
+from .metrics import (  # noqa: F401
+    cluster_accuracy, clustering_accuracy, effective_rank, kmeans,
+)
+from .probes import (  # noqa: F401
+    factor_table, knn_accuracy, knn_predict, linear_probe, nearest_neighbors, standardize, table_markdown,
+)
+from .retrieval import retrieval_grids, retrieval_mosaic, save_retrieval_grid  # noqa: F401

@@ -1,0 +1,118 @@
+"""Invariance measures of Purushwalkam & Gupta (NeurIPS 2020, arXiv 2007.13916), after Goodfellow et al.
+(2009), "Measuring Invariances in Deep Networks"; the procedure follows the official
+senthilps8/demystifyssl measure_invariances.py.
+
+A unit i *fires* on x when f_i(x) > t_i.  With |Y| targets (classes, or instance ids when there are none):
+
+- threshold t_i: the activation at rank floor(N p / 100) of the sorted dataset activations, where
+  p = min((1 - 1/|Y|) 100, 95);  a mirrored threshold for the negated sign is taken from the same rank of
+  the descending order, and a unit fires negatively when f_i(x) < t_i^-.
+- global firing rate G(i) = mean_x 1[f_i(x) >= t_i] over the dataset, i.e. max(1/|Y|, 0.05) up to ties.
+- local firing rate over the trajectories z of target y on which unit i fires at least once,
+      L_y(i) = mean_{z in Z_y(i)} (1/|T(z)|) sum_{x in T(z)} 1[unit i fires on x],
+  where on each trajectory the sign with more firings is used; trajectories with fewer than 3 frames are
+  skipped.
+- target-conditioned invariance J_y(i) = L_y(i) / G(i).
+- score Inv_k = mean_y mean of the top-k J_y(i), reported as Inv_k * (100 - p), i.e. (without ties) the mean
+  top-k local firing rate in percent: a unit that fires on every frame of every trajectory on which it
+  fires at all scores 100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["firing_thresholds", "InvarianceResult", "invariance_scores"]
+
+
+def _feats(x, name):
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float numpy array of shape (N, D)")
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (N, D) with N, D >= 1, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+def firing_percent(n_targets: int) -> float:
+    """The percentile p = min((1 - 1/|Y|) * 100, 95) at which units are thresholded."""
+    if not isinstance(n_targets, (int, np.integer)) or n_targets < 1:
+        raise ValueError(f"n_targets must be an integer >= 1, got {n_targets!r}")
+    return min((1.0 - 1.0 / n_targets) * 100.0, 95.0)
+
+
+def firing_thresholds(features, n_targets):
+    """Per-unit thresholds from the dataset activations ``features`` (N, D).
+
+    Returns ``(t_pos (D,), t_neg (D,), global_rate (D,), p)``: the positive and negated-sign thresholds,
+    the empirical global firing rate mean(f >= t_pos) and the percentile p.
+    """
+    features = _feats(features, "features")
+    p = firing_percent(n_targets)
+    n = len(features)
+    index = min(int((n * p) // 100), n - 1)
+    t_pos = np.sort(features, axis=0)[index]
+    t_neg = -np.sort(-features, axis=0)[index]
+    g = np.mean(features >= t_pos, axis=0)
+    return t_pos, t_neg, g, p
+
+
+@dataclass(frozen=True)
+class InvarianceResult:
+    """t_pos, t_neg, global_rate: (D,);  local_rate, J: (|Y|, D) (rows in the order of ``targets``);
+    scores: {k: Inv_k * (100 - p)};  targets: the target values;  p: the firing percentile."""
+
+    t_pos: np.ndarray
+    t_neg: np.ndarray
+    global_rate: np.ndarray
+    local_rate: np.ndarray
+    J: np.ndarray
+    scores: dict
+    targets: np.ndarray
+    p: float
+
+
+def invariance_scores(features, n_targets, traj_features, traj_id, traj_target, *, ks=(10, 25),
+                      min_length=3) -> InvarianceResult:
+    """Invariance of each unit along transformation trajectories, and the top-k score.
+
+    features : (N, D) activations on the dataset (sets thresholds and the global firing rate).
+    n_targets : |Y|, the number of classes (or of instances when targets are instance ids).
+    traj_features : (M, D) activations on the trajectory frames.
+    traj_id : (M,) int, the trajectory of each frame.
+    traj_target : (M,) int, the target (class) of each frame; a trajectory takes its first frame's.
+    ks : the k of the top-k scores (clamped to D).
+    """
+    t_pos, t_neg, g, p = firing_thresholds(features, n_targets)
+    tf = _feats(traj_features, "traj_features")
+    if tf.shape[1] != len(t_pos):
+        raise ValueError(f"traj_features must have {len(t_pos)} columns like features, got {tf.shape[1]}")
+    traj_id = np.asarray(traj_id)
+    traj_target = np.asarray(traj_target)
+    if traj_id.shape != (len(tf),) or traj_target.shape != (len(tf),):
+        raise ValueError(f"traj_id and traj_target must have shape ({len(tf)},)")
+    order = np.argsort(traj_id, kind="stable")
+    ids, starts, lengths = np.unique(traj_id[order], return_index=True, return_counts=True)
+    # firing counts per trajectory (one row each), summed over its frames in one reduceat
+    pos = np.add.reduceat((tf[order] > t_pos).astype(np.int64), starts, axis=0)
+    neg = np.add.reduceat((tf[order] < t_neg).astype(np.int64), starts, axis=0)
+    count = np.maximum(pos, neg)
+    keep = lengths >= min_length
+    count, lengths = count[keep], lengths[keep]
+    tgt = traj_target[order][starts][keep]
+    targets, tgt_idx = np.unique(tgt, return_inverse=True)
+    fired = count > 0
+    frac = np.where(fired, count / lengths[:, None], 0.0)
+    onehot = np.zeros((len(targets), len(tgt)))
+    onehot[tgt_idx, np.arange(len(tgt))] = 1.0
+    local = (onehot @ frac) / np.maximum(onehot @ fired, 1e-20)  # units that never fire get 0
+    J = local / g[None, :]
+    J_sorted = -np.sort(-J, axis=1)
+    scores = {}
+    for k in ks:
+        kk = min(int(k), J.shape[1])
+        scores[int(k)] = float(J_sorted[:, :kk].mean(axis=1).mean() * (100.0 - p))
+    return InvarianceResult(t_pos, t_neg, g, local, J, scores, targets, p)
