@@ -381,3 +381,18 @@ def test_first_layer_may_skip_the_input_gradient():
     assert full.keys() == partial.keys()
     for k in full:
         np.testing.assert_array_equal(full[k], partial[k])
+
+
+def test_decoder_backward_equals_gradcheck_of_the_whole_model():
+    net = nn.Sequential(nn.Linear(3, 8), nn.GELU(), nn.Unflatten((2, 2, 2)),
+                        nn.ConvTranspose2d(2, 3, kernel=4, stride=2, padding=1), nn.ReLU(),
+                        nn.ConvTranspose2d(3, 2, kernel=3, stride=1, padding=1, bias=False), nn.Sigmoid())
+    rng = np.random.default_rng(12)
+    params, state = net.init(rng, np.float64)
+    names = sorted(params)
+    x = rng.standard_normal((2, 3))
+    out, _, _ = net.forward(params, state, x)
+    assert out.shape == (2, 2, 4, 4)
+    rep = gradcheck.check(_WholeNet(net, names, state, True), (x, *(params[k] for k in names)), {}, rng=rng,
+                          tolerance=1e-6, name="decoder")
+    assert rep.ok, rep.describe()
