@@ -83,14 +83,13 @@ def info_nce_forward(z1, z2, *, temperature=0.1):
     n2, dt = u.shape[0], u.dtype
     n = n2 // 2
     pos = np.einsum("ij,ij->i", u[:n], u[n:])  # cosine of each positive pair
-    e = _gram(u)
-    z = np.empty(n2, dtype=dt)
     inv_tau = dt.type(1.0 / tau)
+    e = _gram(u * dt.type(math.sqrt(1.0 / tau)))  # logits s_ij / tau straight from the GEMM
+    z = np.empty(n2, dtype=dt)
 
     def rows(s, t):
         blk = e[s:t]
-        blk -= 1
-        blk *= inv_tau
+        blk -= inv_tau
         np.exp(blk, out=blk)
         blk[np.arange(t - s), np.arange(s, t)] = 0  # exclude self-similarity
         z[s:t] = blk.sum(axis=1)
