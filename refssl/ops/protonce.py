@@ -103,7 +103,8 @@ def proto_nce_forward(q, k, queue, prototypes, assignments, phis, *, temperature
     and phis are constants (slots None).
 
     Keywords: ``num_clusters`` (K_1, ..., K_M) block sizes (default: one
-    clustering); negatives from ``negative_indices`` (M, r) or sampled from
+    clustering); negatives from ``negative_indices`` (M, r) ints (an array or
+    nested lists) or sampled from
     ``rng`` (see the module docstring); ``num_negative_prototypes`` r
     (default 16384 when sampling, as the official pcl_r).
 
@@ -139,6 +140,8 @@ def proto_nce_forward(q, k, queue, prototypes, assignments, phis, *, temperature
         neg = sample_negative_prototypes(assignments, nc, r, rng)
     else:
         neg = np.asarray(negative_indices)
+        if neg.size == 0 and neg.ndim == 2:
+            neg = neg.astype(np.int64)  # [[]] * M parses as float
         if neg.dtype.kind not in "iu" or neg.ndim != 2 or neg.shape[0] != len(nc):
             raise ValueError(f"negative_indices must be an integer array (M, r) with M = {len(nc)}, "
                              f"got {neg.dtype} {neg.shape}")
@@ -210,7 +213,8 @@ def _example(rng, dtype=np.float64):
     protos = rng.standard_normal((sum(nc), d))
     phis = rng.uniform(0.1, 0.4, size=sum(nc))
     args = tuple(a.astype(dtype) for a in (q, k, queue, protos)) + (assignments, phis.astype(dtype))
-    return args, {"temperature": 0.2, "num_clusters": nc, "negative_indices": neg}
+    # plain lists keep the example JSON-serialisable (golden-vector manifest)
+    return args, {"temperature": 0.2, "num_clusters": list(nc), "negative_indices": neg.tolist()}
 
 
 register(
