@@ -23,13 +23,20 @@ from __future__ import annotations
 import numpy as np
 
 from .. import validation as V
-from ..numerics import logsumexp, softmax
 from ..registry import Range, register
 from .normalize import l2_normalize_backward, l2_normalize_forward
 
 __all__ = ["proto_nce_forward", "proto_nce_backward", "sample_negative_prototypes", "cluster_offsets"]
 
 DEFAULT_NUM_NEGATIVE_PROTOTYPES = 16384  # official pcl_r (= the queue size K)
+
+
+def _ce_rows(logits):
+    """Row log-sum-exp and softmax from one max-shifted exp (the softmax is reused by backward)."""
+    m = logits.max(axis=1, keepdims=True)
+    e = np.exp(logits - m)
+    s = e.sum(axis=1, keepdims=True)
+    return (np.log(s) + m)[:, 0], e / s
 
 
 def cluster_offsets(num_clusters):
@@ -158,11 +165,10 @@ def proto_nce_forward(q, k, queue, prototypes, assignments, phis, *, temperature
     qh, cq = l2_normalize_forward(q)
     kh = l2_normalize_forward(k)[0]
     queueh = l2_normalize_forward(queue)[0]
-    protoh = l2_normalize_forward(prototypes)[0]
 
     # instance term: column 0 is the positive key
     inst = np.concatenate([np.sum(qh * kh, axis=1, keepdims=True), qh @ queueh.T], axis=1) / tau
-    inst_lse = logsumexp(inst, axis=1)
+    inst_lse, inst_prob = _ce_rows(inst)
     loss_inst = np.mean(inst_lse - inst[:, 0])
 
     offsets = cluster_offsets(nc)
@@ -170,14 +176,15 @@ def proto_nce_forward(q, k, queue, prototypes, assignments, phis, *, temperature
     proto_cache = []
     for m in range(len(nc)):
         cols = offsets[m] + np.concatenate([assignments[m], neg[m]]).astype(np.int64)
-        sel = protoh[cols] / phis[cols][:, None]  # concentration per column
+        # normalise only the selected prototypes; the concentration divides each column
+        sel = l2_normalize_forward(prototypes[cols])[0] / phis[cols][:, None]
         logits = qh @ sel.T
-        lse = logsumexp(logits, axis=1)
+        lse, prob = _ce_rows(logits)
         terms.append(np.mean(lse - np.diagonal(logits)))
-        proto_cache.append((sel, logits))
+        proto_cache.append((sel, prob))
     loss_proto = np.mean(terms) if terms else 0.0
     loss = q.dtype.type(loss_inst + loss_proto)
-    cache = {"qh": qh, "cq": cq, "kh": kh, "queueh": queueh, "inst": inst, "tau": tau, "proto": proto_cache,
+    cache = {"qh": qh, "cq": cq, "kh": kh, "queueh": queueh, "inst_prob": inst_prob, "tau": tau, "proto": proto_cache,
              "negative_indices": neg, "instance_loss": q.dtype.type(loss_inst),
              "prototype_losses": np.asarray(terms, dtype=q.dtype)}
     return loss, cache
@@ -188,12 +195,12 @@ def proto_nce_backward(cache, grad_out):
     g = float(grad_out)
     qh = cache["qh"]
     n = qh.shape[0]
-    gi = softmax(cache["inst"], axis=1)
+    gi = cache["inst_prob"].copy()
     gi[:, 0] -= 1.0
     dqh = (gi[:, :1] * cache["kh"] + gi[:, 1:] @ cache["queueh"]) * (g / (n * cache["tau"]))
     m = len(cache["proto"])
-    for sel, logits in cache["proto"]:
-        gp = softmax(logits, axis=1)
+    for sel, prob in cache["proto"]:
+        gp = prob.copy()
         gp[np.arange(n), np.arange(n)] -= 1.0
         dqh += (gp @ sel) * (g / (n * m))
     dq = l2_normalize_backward(cache["cq"], dqh.astype(qh.dtype, copy=False))[0]
