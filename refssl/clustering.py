@@ -4,7 +4,8 @@ Nothing here is a differentiable op; everything is deterministic given an
 ``np.random.Generator``.
 
 * :func:`kmeans` -- Lloyd's algorithm with k-means++ seeding and restarts
-  (the official PCL E-step uses faiss: 20 iterations, 5 restarts).
+  (the official PCL E-step uses faiss: 20 iterations, 5 restarts; faiss also
+  subsamples to at most 1000 points per centroid for training, which is not replicated).
 * :func:`concentration` -- the per-prototype concentration phi of PCL's
   ``run_kmeans``, step by step.
 * :func:`e_step` -- M clusterings of L2-normalised features, stacked in the

@@ -46,7 +46,7 @@ class ClusteringHead:
 
 
 def supervisory_distribution(views, *, k=3, walk_steps=1):
-    """p for a batch of V views stacked view-major (V*B, D): augmentation pairs + kNN, averaged.
+    """p for a batch of two views stacked view-major (2B, D): augmentation pairs + kNN, averaged.
 
     p_aug is uniform over the other views of the same sample; p_knn uniform over
     the k nearest neighbours by cosine similarity (self excluded), propagated
@@ -54,17 +54,14 @@ def supervisory_distribution(views, *, k=3, walk_steps=1):
     p = (p_aug + p_knn) / 2 with the diagonal set to 0 and rows renormalised.
     """
     n_rows = views.shape[0]
+    if n_rows % 2:
+        raise ValueError(f"views must stack two views of B samples, (2B, D), got {views.shape}")
     p_knn = knn_kernel(views, k, metric="cosine").astype(np.float64)
     if walk_steps > 1:
         p_knn = propagate(p_knn, walk_steps)
         p_knn[np.diag_indices(n_rows)] = 0
         p_knn /= p_knn.sum(axis=1, keepdims=True)
-    return p_aug_knn(n_rows, p_knn)
-
-
-def p_aug_knn(n_rows, p_knn, views=2):
-    p_aug = augmentation_kernel(n_rows // views, views)
-    return 0.5 * (p_aug + p_knn)
+    return 0.5 * (augmentation_kernel(n_rows // 2, 2) + p_knn)
 
 
 def head_loss_and_gradients(head, x, p, *, alpha=0.6):
