@@ -26,7 +26,8 @@ from . import validation as V
 from .clustering import clustering_accuracy
 from .numerics import softmax
 from .ops.icon import icon_backward, icon_forward
-from .ops.icon_kernels import augmentation_kernel, cluster_kernel_backward, cluster_kernel_forward, knn_kernel, propagate
+from .ops.icon_kernels import (augmentation_kernel, cluster_kernel_backward, cluster_kernel_forward, knn_kernel,
+                               propagate)
 
 __all__ = ["ClusteringHead", "supervisory_distribution", "head_loss_and_gradients", "fit_clustering_head"]
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from refssl import gradcheck, registry
+from refssl import registry
 from refssl.clustering import soft_kmeans_objective
-from refssl.icon_clustering import fit_clustering_head, head_loss_and_gradients, ClusteringHead
+from refssl.icon_clustering import ClusteringHead, fit_clustering_head, head_loss_and_gradients
 from refssl.ops.icon import debias
 from refssl.ops.icon_kernels import (augmentation_kernel, hard_cluster_kernel, knn_kernel, label_kernel,
                                      propagate)
@@ -29,6 +29,11 @@ def _needs(name):
 
 def _unit(a):
     return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+
+def _softmax(a):
+    e = np.exp(a - a.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def _stochastic(rng, n, m, mask):
@@ -219,8 +224,7 @@ def test_cosine_gaussian_kernel_is_infonce_with_tau_two_sigma_squared():
         logits = GAUSS(x, y, sigma=math.sqrt(tau / 2), metric="cosine")
         cos = _unit(x) @ _unit(y).T
         _close(logits, cos / tau - 1 / tau)
-        sm = lambda a: np.exp(a - a.max(1, keepdims=True)) / np.exp(a - a.max(1, keepdims=True)).sum(1, keepdims=True)  # noqa: E731
-        _close(sm(logits), sm(cos / tau))
+        _close(_softmax(logits), _softmax(cos / tau))
 
 
 def test_kernel_values_against_loops():

@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 
 from refssl import registry
 from refssl.clustering import (clustering_accuracy, concentration, e_step, kmeans, protonce_em)
