@@ -8,6 +8,8 @@ q is the soft cluster kernel of the head's assignments phi = softmax(x W + b):
     q(j|i) = sum_c phi_ic phi_jc / sum_k phi_kc
     L = mean_i KL(p~(.|i) || q(.|i)),   p~ = (1 - alpha) p + alpha / (2B)
 
+(optionally also q~ = (1 - alpha_q) q + alpha_q / (2B), the placement of Table 1 of the paper)
+
 The gradient flows icon -> cluster_kernel -> softmax -> (W, b), every step the
 hand-written backward of its op.  Trained with Adam on two noisy views of each
 sample; evaluated by the Hungarian clustering accuracy of argmax phi.
@@ -65,12 +67,15 @@ def supervisory_distribution(views, *, k=3, walk_steps=1):
     return 0.5 * (augmentation_kernel(n_rows // 2, 2) + p_knn)
 
 
-def head_loss_and_gradients(head, x, p, *, alpha=0.6):
-    """I-Con loss of the head on rows x (R, D) against p (R, R); returns (loss, dW, db)."""
+def head_loss_and_gradients(head, x, p, *, alpha=0.6, alpha_q=0.0):
+    """I-Con loss of the head on rows x (R, D) against p (R, R); returns (loss, dW, db).
+
+    ``alpha`` debiases p, ``alpha_q`` the cluster kernel q (see :func:`refssl.ops.icon.icon_forward`).
+    """
     z = x @ head.W + head.b
     phi = softmax(z, axis=1)
     logq, c_kernel = cluster_kernel_forward(phi)
-    loss, c_icon = icon_forward(p, logq, alpha=alpha, mask_diagonal=False)
+    loss, c_icon = icon_forward(p, logq, alpha=alpha, alpha_q=alpha_q, mask_diagonal=False)
     dlogq = icon_backward(c_icon, 1.0)[1]
     dphi = cluster_kernel_backward(c_kernel, dlogq)[0]
     dz = phi * (dphi - np.sum(dphi * phi, axis=1, keepdims=True))  # softmax backward
@@ -83,8 +88,8 @@ class FitHistory:
     accuracy: list = field(default_factory=list)  # Hungarian accuracy on the clean features per epoch
 
 
-def fit_clustering_head(x, num_clusters, rng, *, labels=None, alpha=0.6, k=3, walk_steps=1, epochs=20,
-                        batch_size=64, lr=1e-2, noise=0.1):
+def fit_clustering_head(x, num_clusters, rng, *, labels=None, alpha=0.6, alpha_q=0.0, k=3, walk_steps=1,
+                        epochs=20, batch_size=64, lr=1e-2, noise=0.1):
     """Train a linear + softmax clustering head on fixed features x (n, D) with Adam.
 
     Each step draws a batch of B samples, makes two views x + noise N(0, 1)
@@ -113,7 +118,7 @@ def fit_clustering_head(x, num_clusters, rng, *, labels=None, alpha=0.6, k=3, wa
             views = np.concatenate([xb + noise * rng.standard_normal(xb.shape),
                                     xb + noise * rng.standard_normal(xb.shape)])
             p = supervisory_distribution(views, k=k, walk_steps=walk_steps)
-            loss, dW, db = head_loss_and_gradients(head, views, p, alpha=alpha)
+            loss, dW, db = head_loss_and_gradients(head, views, p, alpha=alpha, alpha_q=alpha_q)
             t += 1
             for j, (prm, g) in enumerate(zip(params, (dW, db))):
                 m1[j] = 0.9 * m1[j] + 0.1 * g

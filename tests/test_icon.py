@@ -66,7 +66,7 @@ def _close(a, b, tol=TOL):
 # the objective
 # ---------------------------------------------------------------------------------------------
 
-def _loop_kl(p, logits, alpha, mask):
+def _loop_kl(p, logits, alpha, mask, alpha_q=0.0):
     n, m = p.shape
     total = 0.0
     for i in range(n):
@@ -75,8 +75,9 @@ def _loop_kl(p, logits, alpha, mask):
         lse = mx + math.log(sum(math.exp(logits[i, j] - mx) for j in cols))
         for j in cols:
             pt = (1 - alpha) * p[i, j] + alpha / len(cols)
+            qt = (1 - alpha_q) * math.exp(logits[i, j] - lse) + alpha_q / len(cols)
             if pt > 0:
-                total += pt * (math.log(pt) - (logits[i, j] - lse)) / n
+                total += pt * (math.log(pt) - math.log(qt)) / n
     return total
 
 
@@ -100,6 +101,25 @@ def test_icon_is_the_row_mean_kl_and_cross_entropy_minus_entropy(seed):
     ce = -np.mean(np.sum(np.where(pt > 0, pt * np.where(pt > 0, logq, 0), 0), axis=1))
     ent = -np.mean(np.sum(np.where(pt > 0, pt * np.log(np.where(pt > 0, pt, 1)), 0), axis=1))
     _close(loss, ce - ent)
+
+
+@pytest.mark.derivation("icon.md#IC17")
+@given(seed=seeds)
+def test_debiasing_q_against_loops(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 6))
+    mask = bool(rng.integers(0, 2))
+    m = n if mask else int(rng.integers(1, 6))
+    p = _stochastic(rng, n, m, mask)
+    logits = 3 * rng.standard_normal((n, m))
+    alpha, alpha_q = float(rng.uniform(0, 0.9)), float(rng.uniform(0, 0.9))
+    _close(ICON(p, logits, alpha=alpha, alpha_q=alpha_q, mask_diagonal=mask),
+           _loop_kl(p, logits, alpha, mask, alpha_q))
+    # both sides debiased with the same alpha and q = p: zero loss
+    lg = np.log(np.where(p > 0, p, 1.0))
+    assert abs(ICON(p, lg, alpha=0.4, alpha_q=0.4, mask_diagonal=mask)) < 1e-14
+    with pytest.raises(ValueError, match="alpha_q"):
+        ICON.forward(p, logits, alpha_q=1.0, mask_diagonal=mask)
 
 
 @pytest.mark.derivation("icon.md#IC2")
@@ -492,15 +512,16 @@ def test_clustering_head_gradient_against_finite_differences():
     x = rng.standard_normal((10, 4))
     head = ClusteringHead(rng.standard_normal((4, 3)), rng.standard_normal(3))
     p = _stochastic(rng, 10, 10, True)
-    loss, dW, db = head_loss_and_gradients(head, x, p, alpha=0.5)
+    kw = dict(alpha=0.5, alpha_q=0.3)
+    loss, dW, db = head_loss_and_gradients(head, x, p, **kw)
     h = 1e-6
     for arr, grad in ((head.W, dW), (head.b, db)):
         for idx in np.ndindex(arr.shape):
             old = arr[idx]
             arr[idx] = old + h
-            fp = head_loss_and_gradients(head, x, p, alpha=0.5)[0]
+            fp = head_loss_and_gradients(head, x, p, **kw)[0]
             arr[idx] = old - h
-            fm = head_loss_and_gradients(head, x, p, alpha=0.5)[0]
+            fm = head_loss_and_gradients(head, x, p, **kw)[0]
             arr[idx] = old
             assert abs((fp - fm) / (2 * h) - grad[idx]) < 1e-7
 
@@ -510,7 +531,9 @@ def test_debiased_infonce_clustering_recovers_blobs():
     means = rng.standard_normal((5, 16))
     labels = np.repeat(np.arange(5), 60)
     x = means[labels] + 0.5 * rng.standard_normal((300, 16))
-    head, hist = fit_clustering_head(x, 5, np.random.default_rng(1), labels=labels, alpha=0.6, epochs=8, lr=3e-2)
-    assert hist.loss[-1] < hist.loss[0]
-    assert hist.accuracy[-1] >= 0.95
-    assert np.bincount(head.predict(x), minlength=5).min() > 0  # no collapse onto fewer clusters
+    for alpha, alpha_q in ((0.6, 0.0), (0.0, 0.6)):  # debiasing p (the text) or q (Table 1)
+        head, hist = fit_clustering_head(x, 5, np.random.default_rng(1), labels=labels, alpha=alpha,
+                                         alpha_q=alpha_q, epochs=8, lr=3e-2)
+        assert hist.loss[-1] < hist.loss[0]
+        assert hist.accuracy[-1] >= 0.95
+        assert np.bincount(head.predict(x), minlength=5).min() > 0  # no collapse onto fewer clusters

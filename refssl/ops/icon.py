@@ -45,12 +45,13 @@ def debias(p, alpha, *, mask_diagonal=True):
     return out.astype(p.dtype, copy=False)
 
 
-def icon_forward(p, logits, *, alpha=0.0, mask_diagonal=True, learn_p=False):
-    """I-Con loss: mean over rows of KL(p~(.|i) || softmax(logits_i)).
+def icon_forward(p, logits, *, alpha=0.0, alpha_q=0.0, mask_diagonal=True, learn_p=False):
+    """I-Con loss: mean over rows of KL(p~(.|i) || q~(.|i)), q = softmax(logits_i).
 
         p~_ij = (1 - alpha) p_ij + alpha u_j          (debiasing, see :func:`debias`)
         log q_ij = logits_ij - logsumexp_{k in S(i)} logits_ik
-        L = (1/N) sum_i sum_{j in S(i)} p~_ij (log p~_ij - log q_ij)      (0 log 0 = 0)
+        q~_ij = (1 - alpha_q) q_ij + alpha_q u_j      (optional debiasing of q; alpha_q = 0: q~ = q)
+        L = (1/N) sum_i sum_{j in S(i)} p~_ij (log p~_ij - log q~_ij)      (0 log 0 = 0)
 
     where S(i) is all M columns, or all j != i when ``mask_diagonal`` (then
     p and logits are square and p must have a zero diagonal; the diagonal of
@@ -61,9 +62,14 @@ def icon_forward(p, logits, *, alpha=0.0, mask_diagonal=True, learn_p=False):
     Shapes: p (N, M) >= 0, rows summing to 1 (the sum is not enforced, so a
     learned p may be checked by finite differences); logits (N, M) -> scalar.
 
-    Gradients: d/dlogits = (q * rowsum(p~) - p~) / N, i.e. (q - p~)/N for
-    row-stochastic p.  ``p`` is a constant target (slot ``None``) unless
-    ``learn_p=True``, when d/dp = (1-alpha)(log p~ + 1 - log q)/N on the
+    The paper debiases p (text) or both sides (Table 1 puts the mixture on q
+    for Debiased InfoNCE Clustering); ``alpha`` and ``alpha_q`` cover all three
+    readings.  ``alpha_q`` < 1 (at 1, q~ no longer depends on the logits).
+
+    Gradients: d/dlogits = (q * rowsum(p~ w) - p~ w) / N with
+    w = (1 - alpha_q) q / q~ (w = 1 without alpha_q: (q - p~)/N for
+    row-stochastic p).  ``p`` is a constant target (slot ``None``) unless
+    ``learn_p=True``, when d/dp = (1-alpha)(log p~ + 1 - log q~)/N on the
     support of p~ (the derivative of p log p at p~ = 0 is -inf; a learned p
     from a softmax never reaches it).
 
@@ -76,6 +82,7 @@ def icon_forward(p, logits, *, alpha=0.0, mask_diagonal=True, learn_p=False):
     V.same_shape([p, logits], ["p", "logits"])
     V.same_dtype([p, logits], ["p", "logits"])
     alpha = V.in_range(alpha, "alpha", 0.0, 1.0)
+    alpha_q = V.in_range(alpha_q, "alpha_q", 0.0, 1.0, high_open=True)
     _nonnegative(p, "p")
     n, m = p.shape
     diag = None
@@ -91,25 +98,35 @@ def icon_forward(p, logits, *, alpha=0.0, mask_diagonal=True, learn_p=False):
     logq = log_softmax(logits, axis=1)
     if diag is not None:
         logq = np.where(diag, 0, logq).astype(p.dtype, copy=False)  # p~_ii = 0: the term is absent
+    logqt, w = logq, None
+    if alpha_q > 0:
+        # log((1 - a) q + a u) without forming q where it may underflow
+        log_u = np.log(alpha_q) - np.log(m - 1 if diag is not None else m)  # log(alpha_q / |S(i)|)
+        logqt = np.logaddexp(np.log1p(-alpha_q) + logq, log_u).astype(p.dtype, copy=False)
+        w = np.exp(np.log1p(-alpha_q) + logq - logqt)  # (1 - a) q / q~, in (0, 1)
+        if diag is not None:
+            logqt[diag] = 0
+            w[diag] = 0
     support = pt > 0
     logpt = np.log(np.where(support, pt, 1))  # 0 log 0 = 0
-    kl = np.sum(pt * (logpt - logq), axis=1)
+    kl = np.sum(pt * (logpt - logqt), axis=1)
     loss = kl.mean(dtype=p.dtype)
-    return p.dtype.type(loss), (pt, logq, logpt, diag, alpha, learn_p)
+    return p.dtype.type(loss), (pt, logq, logqt, w, logpt, diag, alpha, learn_p)
 
 
 def icon_backward(cache, grad_out):
-    """(q * rowsum(p~) - p~)/N for logits; (1-alpha)(log p~ + 1 - log q)/N for p if learned."""
-    pt, logq, logpt, diag, alpha, learn_p = cache
+    """(q rowsum(p~ w) - p~ w)/N for logits; (1-alpha)(log p~ + 1 - log q~)/N for p if learned."""
+    pt, logq, logqt, w, logpt, diag, alpha, learn_p = cache
     n = pt.shape[0]
     g = float(grad_out) / n
     q = np.exp(logq)
     if diag is not None:
         q[diag] = 0
-    dlogits = (g * (q * pt.sum(axis=1, keepdims=True) - pt)).astype(pt.dtype, copy=False)
+    ptw = pt if w is None else pt * w
+    dlogits = (g * (q * ptw.sum(axis=1, keepdims=True) - ptw)).astype(pt.dtype, copy=False)
     dp = None
     if learn_p:
-        dp = np.where(pt > 0, (g * (1.0 - alpha)) * (logpt + 1 - logq), 0).astype(pt.dtype, copy=False)
+        dp = np.where(pt > 0, (g * (1.0 - alpha)) * (logpt + 1 - logqt), 0).astype(pt.dtype, copy=False)
         if diag is not None:
             dp[diag] = 0
     return dp, dlogits
@@ -124,7 +141,7 @@ def _example(rng, dtype=np.float64):
         p[np.diag_indices(n)] = 0
     p /= p.sum(axis=1, keepdims=True)
     logits = 2.0 * rng.standard_normal((n, m))
-    return (p.astype(dtype), logits.astype(dtype)), {"alpha": 0.3, "mask_diagonal": mask}
+    return (p.astype(dtype), logits.astype(dtype)), {"alpha": 0.3, "alpha_q": 0.0, "mask_diagonal": mask}
 
 
 register(
@@ -136,5 +153,5 @@ register(
     reference="Alshammari et al. 2025, arXiv 2504.16929; ShadeAlsha/ICon model/losses.py, "
               "playground/divergences.py",
     derivation="derivations/icon.md#objective",
-    hyper_ranges={"alpha": Range(0.0, 0.9, log=False)},
+    hyper_ranges={"alpha": Range(0.0, 0.9, log=False), "alpha_q": Range(0.0, 0.9, log=False)},
 )
