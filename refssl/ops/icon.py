@@ -73,7 +73,7 @@ def icon_forward(p, logits, *, alpha=0.0, alpha_q=0.0, mask_diagonal=True, learn
     support of p~ (the derivative of p log p at p~ = 0 is -inf; a learned p
     from a softmax never reaches it).
 
-    Reference: Alshammari et al., ICLR 2025, arXiv 2504.16929 (Eq. 1);
+    Reference: Alshammari et al., ICLR 2025, arXiv 2504.16929 (the I-Con objective);
     ShadeAlsha/ICon model/losses.py, playground/divergences.py.
     Backward: derivations/icon.md#objective.
     """

@@ -115,7 +115,7 @@ def proto_nce_forward(q, k, queue, prototypes, assignments, phis, *, temperature
     ``rng`` (see the module docstring); ``num_negative_prototypes`` r
     (default 16384 when sampling, as the official pcl_r).
 
-    Reference: Li et al. 2021, arXiv 2005.04966 (Eq. 11); salesforce/PCL
+    Reference: Li et al. 2021, arXiv 2005.04966 (ProtoNCE); salesforce/PCL
     pcl/builder.py (forward), main_pcl.py (train).
     Backward: derivations/protonce_em.md#backward.
     """

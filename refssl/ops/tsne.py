@@ -54,7 +54,7 @@ def tsne_forward(y, P):
     zero diagonal, summing to 1; usually symmetrised (p_{j|i} + p_{i|j}) / 2N,
     see :func:`joint_probabilities`) -> scalar.  P is a constant (slot None).
 
-    Reference: van der Maaten & Hinton, JMLR 9 (2008), Eq. 5; Alshammari et al.
+    Reference: van der Maaten & Hinton, JMLR 9 (2008); Alshammari et al.
     2025, arXiv 2504.16929 (Cor. 1).  Backward: derivations/icon.md#tsne.
     """
     _check(y, P, joint=True)
