@@ -21,7 +21,8 @@ def check_rows_like(x, name, ref, ref_name, shape_doc="(K, D)"):
     """A finite float (K, D) matrix with ref's width D and dtype (a queue, a bank, a support set)."""
     V.float_array(x, name, ndim=2, shape_doc=shape_doc)
     if x.shape[1] != ref.shape[1]:
-        raise ValueError(f"{name} must have shape (K, {ref.shape[1]}) (the width of {ref_name}), "
+        rows = shape_doc.strip("()").split(",")[0]
+        raise ValueError(f"{name} must have shape ({rows}, {ref.shape[1]}) (the width D of {ref_name}), "
                          f"got shape {x.shape}")
     V.same_dtype([ref, x], [ref_name, name])
 
