@@ -28,6 +28,15 @@ def nnclr_neighbours(z, support):
     return sn[idx], idx
 
 
+def _lookup_both(z1, z2, support):
+    """Both views' lookups with one normalisation of the support and one matrix product."""
+    sn = l2_normalize_forward(support)[0]
+    zn = l2_normalize_forward(np.concatenate([z1, z2], axis=0))[0]
+    idx = np.argmax(zn @ sn.T, axis=1)
+    n = z1.shape[0]
+    return sn[idx[:n]], sn[idx[n:]]
+
+
 def nnclr_forward(p1, p2, z1, z2, support, *, temperature=0.1):
     """NNCLR loss: the nearest neighbour of each view's projection is the positive of the other view.
 
@@ -51,8 +60,7 @@ def nnclr_forward(p1, p2, z1, z2, support, *, temperature=0.1):
     tau = V.positive(temperature, "temperature")
     p1n, c1 = l2_normalize_forward(p1)
     p2n, c2 = l2_normalize_forward(p2)
-    nn1, _ = nnclr_neighbours(z1, support)
-    nn2, _ = nnclr_neighbours(z2, support)
+    nn1, nn2 = _lookup_both(z1, z2, support)
     ce1, prob1 = identity_ce((nn1 @ p2n.T) / dtype.type(tau))
     ce2, prob2 = identity_ce((nn2 @ p1n.T) / dtype.type(tau))
     loss = 0.5 * (ce1 + ce2)
