@@ -188,7 +188,9 @@ def ema_update(target, online, *, momentum):
     Returns a new dict (new array); the inputs are not modified.  Keys and
     shapes must match.  BYOL writes it xi <- xi + (1 - tau)(theta - xi), the
     same map with m = tau.  Whether BN running statistics are included is the
-    caller's choice (they are plain entries of the dict).
+    caller's choice (they are plain entries of the dict); every entry must be a
+    float array, so integer buffers such as BN's batch counters are rejected
+    (copy them instead of averaging).
     """
     m = V.in_range(momentum, "momentum", 0.0, 1.0)
 

@@ -395,7 +395,7 @@ def test_moco_v3_gradient_wrt_cosines_has_no_inverse_temperature(tau):
 
 
 def test_dino_teacher_temperature_official_vs_lightly_defaults():
-    """Official: 0 warm-up epochs (0.04 throughout); lightly: 30 warm-up epochs (same value when both temps are 0.04)."""
+    """Official: 0 warm-up epochs (0.04 throughout); lightly: 30 (the same values while both temps are 0.04)."""
     official = [state.dino_teacher_temperature(e) for e in range(40)]
     assert official == [0.04] * 40
     # The README recipe 0.04 -> 0.07 over 30 epochs, against the official array construction.
@@ -759,30 +759,42 @@ def _m(*shape, dtype=np.float64):
 
 
 @pytest.mark.parametrize("call,err,match", [
-    (lambda: op("byol").forward(_m(3, 4), _m(3, 4), _m(3, 4), _m(3, 5)), ValueError, r"p1 and t2 must have the same shape"),
+    (lambda: op("byol").forward(_m(3, 4), _m(3, 4), _m(3, 4), _m(3, 5)),
+     ValueError, r"p1 and t2 must have the same shape"),
     (lambda: op("byol").forward(_m(3, 4), _m(2, 4), _m(3, 4), _m(3, 4)), ValueError, r"p1 and p2"),
-    (lambda: op("byol").forward(_m(3, 4), _m(3, 4), _m(3, 4), _m(3, 4, dtype=np.float32)), TypeError, "same dtype"),
+    (lambda: op("byol").forward(_m(3, 4), _m(3, 4), _m(3, 4), _m(3, 4, dtype=np.float32)),
+     TypeError, "same dtype"),
     (lambda: op("byol").forward(_m(4), _m(4), _m(4), _m(4)), ValueError, r"p1 must have shape \(N, D\)"),
     (lambda: op("neg_cosine").forward(_m(3, 4), _m(4, 3)), ValueError, "p and z must have the same shape"),
     (lambda: op("simsiam").forward(_m(3, 4), _m(3, 4), _m(3, 2), _m(3, 4)), ValueError, "p1 and z1"),
     (lambda: op("moco_v3").forward(_m(3, 4), _m(3, 4), _m(5, 4), _m(3, 4)), ValueError, "q1 and k1"),
-    (lambda: op("moco_queue").forward(_m(3, 4), _m(3, 4), _m(8, 5)), ValueError, r"queue must have shape \(K, 4\)"),
+    (lambda: op("moco_queue").forward(_m(3, 4), _m(3, 4), _m(8, 5)),
+     ValueError, r"queue must have shape \(K, 4\)"),
     (lambda: op("moco_queue").forward(_m(3, 4), _m(2, 4), _m(8, 4)), ValueError, "q and k"),
-    (lambda: op("dino").forward(_m(3, 4, 5), _m(2, 3, 5), _m(5)), ValueError, r"teacher must have shape \(V_t, 4, 5\)"),
-    (lambda: op("dino").forward(_m(3, 4, 5), _m(2, 4, 5), _m(6)), ValueError, r"center must have shape \(5,\) or \(1, 5\)"),
+    (lambda: op("dino").forward(_m(3, 4, 5), _m(2, 3, 5), _m(5)),
+     ValueError, r"teacher must have shape \(V_t, 4, 5\)"),
+    (lambda: op("dino").forward(_m(3, 4, 5), _m(2, 4, 5), _m(6)),
+     ValueError, r"center must have shape \(5,\) or \(1, 5\)"),
     (lambda: op("dino").forward(_m(3, 4, 5), _m(2, 4, 5), _m(2, 5)), ValueError, "center must have shape"),
-    (lambda: op("dino").forward(_m(4, 5), _m(2, 4, 5), _m(5)), ValueError, r"student must have shape \(V_s, N, K\)"),
+    (lambda: op("dino").forward(_m(4, 5), _m(2, 4, 5), _m(5)),
+     ValueError, r"student must have shape \(V_s, N, K\)"),
     (lambda: op("dino").forward(_m(1, 4, 5), _m(1, 4, 5), _m(5)), ValueError, "no pair of different views"),
-    (lambda: op("nnclr").forward(_m(3, 4), _m(3, 4), _m(3, 4), _m(3, 4), _m(6, 3)), ValueError, r"support must have shape \(Q, 4\)"),
+    (lambda: op("nnclr").forward(_m(3, 4), _m(3, 4), _m(3, 4), _m(3, 4), _m(6, 3)),
+     ValueError, r"support must have shape \(Q, 4\)"),
     (lambda: op("nnclr").forward(_m(3, 4), _m(3, 4), _m(2, 4), _m(3, 4), _m(6, 4)), ValueError, "p1 and z1"),
-    (lambda: op("mean_shift").forward(_m(3, 4), _m(3, 4), _m(2, 4)), ValueError, "bank must have at least N = 3 rows"),
-    (lambda: op("mean_shift").forward(_m(3, 4), _m(3, 4), _m(6, 5)), ValueError, r"bank must have shape \(M, 4\)"),
+    (lambda: op("mean_shift").forward(_m(3, 4), _m(3, 4), _m(2, 4)),
+     ValueError, "bank must have at least N = 3 rows"),
+    (lambda: op("mean_shift").forward(_m(3, 4), _m(3, 4), _m(6, 5)),
+     ValueError, r"bank must have shape \(M, 4\)"),
     (lambda: op("mean_shift").forward(_m(3, 4), _m(3, 4), _m(6, 4), k=7), ValueError, "k must be <= 6"),
     (lambda: op("mean_shift").forward(_m(3, 4), _m(3, 4), _m(6, 4), k=0), ValueError, "k must be >= 1"),
-    (lambda: op("mean_shift").forward(_m(3, 4), _m(3, 4), _m(6, 4), k=2.0), TypeError, "k must be an integer"),
-    (lambda: op("mean_shift").forward(_m(3, 4), _m(3, 4), _m(6, 4), ptr=6), ValueError, r"ptr must be in \[0, 6\)"),
+    (lambda: op("mean_shift").forward(_m(3, 4), _m(3, 4), _m(6, 4), k=2.0),
+     TypeError, "k must be an integer"),
+    (lambda: op("mean_shift").forward(_m(3, 4), _m(3, 4), _m(6, 4), ptr=6),
+     ValueError, r"ptr must be in \[0, 6\)"),
     (lambda: op("mean_shift").forward(_m(3, 4), _m(2, 4), _m(6, 4)), ValueError, "query and target"),
-    (lambda: state.dino_center_update(_m(5), _m(2, 3, 4)), ValueError, r"teacher must have shape \(V_t, N, 5\)"),
+    (lambda: state.dino_center_update(_m(5), _m(2, 3, 4)),
+     ValueError, r"teacher must have shape \(V_t, N, 5\)"),
     (lambda: state.dino_teacher_temperature(-1), ValueError, "epoch must be >= 0"),
 ])
 def test_shape_and_argument_errors(call, err, match):

@@ -12,7 +12,7 @@ import numpy as np
 from .. import validation as V
 from ..numerics import log_softmax
 from ..registry import Range, register
-from ._ts_common import ce_identity_grad, check_rows_like, check_views, grad_scalar, identity_ce
+from ._ts_common import ce_identity_grad, check_rows_like, check_views, clustered, grad_scalar, identity_ce
 from .normalize import l2_normalize_backward, l2_normalize_forward
 
 
@@ -61,7 +61,9 @@ def moco_v3_backward(cache, grad_out):
 
 def _example_v3(rng, dtype=np.float64):
     n, d = int(rng.integers(1, 7)), int(rng.integers(2, 9))
-    args = tuple(rng.standard_normal((n, d)).astype(dtype) for _ in range(4))
+    q1, q2 = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+    keys = clustered(rng, 2 * n, d)
+    args = tuple(a.astype(dtype) for a in (q1, q2, keys[:n], keys[n:]))
     return args, {"temperature": float(rng.choice([0.2, 1.0]))}
 
 
@@ -91,7 +93,8 @@ def moco_queue_forward(q, k, queue, *, temperature=0.2):
     eps 1e-12).  The queue rows are used *as stored*: they are assumed to be
     L2-normalised already, which holds for the official queue (random unit
     columns at initialisation, then enqueued normalised keys; see
-    :func:`refssl.state.moco_queue_update`).  k and queue are stop-gradient
+    :func:`refssl.state.moco_queue_update`).  The official buffer is (D, K),
+    one key per column; here a key is a row.  k and queue are stop-gradient
     (slots None).  One direction only.  Identical embeddings everywhere give
     log(K + 1).  The queue is updated after the loss (keys of this step are not
     their own negatives).
@@ -124,10 +127,9 @@ def moco_queue_backward(cache, grad_out):
 
 def _example_queue(rng, dtype=np.float64):
     n, d, size = int(rng.integers(1, 7)), int(rng.integers(2, 9)), int(rng.integers(1, 10))
-    queue = rng.standard_normal((size, d))
-    queue /= np.linalg.norm(queue, axis=1, keepdims=True)
-    args = (rng.standard_normal((n, d)).astype(dtype), rng.standard_normal((n, d)).astype(dtype),
-            queue.astype(dtype))
+    keys = clustered(rng, n + size, d)  # positive and negative keys: see clustered
+    queue = keys[n:] / np.linalg.norm(keys[n:], axis=1, keepdims=True)
+    args = (rng.standard_normal((n, d)).astype(dtype), keys[:n].astype(dtype), queue.astype(dtype))
     return args, {"temperature": 0.2}
 
 

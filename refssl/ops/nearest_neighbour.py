@@ -13,7 +13,7 @@ import numpy as np
 from .. import validation as V
 from ..registry import Range, register
 from ..state import fifo_rows
-from ._ts_common import ce_identity_grad, check_rows_like, check_views, grad_scalar, identity_ce
+from ._ts_common import ce_identity_grad, check_rows_like, check_views, clustered, grad_scalar, identity_ce
 from .normalize import l2_normalize_backward, l2_normalize_forward
 
 
@@ -90,7 +90,7 @@ def _unit_rows(x):
 
 def _example_nnclr(rng, dtype=np.float64):
     n, d, q = int(rng.integers(1, 7)), int(rng.integers(2, 9)), int(rng.integers(2, 10))
-    p1, p2 = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+    p1, p2 = np.split(clustered(rng, 2 * n, d), 2)  # columns of the logits: keep the softmax unsaturated
     # Redraw until every lookup has a clear winner (margin 1e-3 >> float32 rounding),
     # so that float32 and float64 pick the same neighbours.
     while True:
