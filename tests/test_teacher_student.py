@@ -721,6 +721,7 @@ def test_ema_update_on_dicts():
         state.ema_update(target, online, momentum=1.5)
 
 
+@pytest.mark.derivation("teacher_student.md#TS19")
 @pytest.mark.parametrize("fn,kw", [(state.byol_momentum, "total_steps"), (state.moco_v3_momentum, "total_epochs"),
                                    (state.dino_momentum, "total_steps")])
 def test_momentum_schedules_endpoints_and_midpoint(fn, kw):
