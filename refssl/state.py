@@ -36,7 +36,9 @@ from . import validation as V
 from .ops.normalize import l2_normalize_forward
 
 __all__ = [
+    "fifo_rows",
     "fifo_enqueue",
+    "check_ptr",
     "moco_queue_update",
     "nnclr_support_update",
     "mean_shift_bank_update",
@@ -52,11 +54,12 @@ __all__ = [
 # -- FIFO queues ----------------------------------------------------------------
 
 
-def _check_ptr(ptr, size: int) -> int:
+def check_ptr(ptr, size: int, queue_name: str = "queue") -> int:
+    """A queue pointer: an integer row index in [0, size)."""
     if isinstance(ptr, (bool, np.bool_)) or not isinstance(ptr, (Integral, np.integer)):
         raise TypeError(f"ptr must be an integer row index, got {type(ptr).__name__}")
     if not 0 <= ptr < size:
-        raise ValueError(f"ptr must be in [0, {size}) (a row of the queue), got {ptr}")
+        raise ValueError(f"ptr must be in [0, {size}) (a row of {queue_name}), got {ptr}")
     return int(ptr)
 
 
@@ -79,7 +82,7 @@ def fifo_enqueue(queue, ptr, rows, *, name="queue", rows_name="rows"):
     if rows.shape[0] > size:
         raise ValueError(f"cannot enqueue {rows.shape[0]} rows of {rows_name} into {name} with "
                          f"only {size} rows")
-    ptr = _check_ptr(ptr, size)
+    ptr = check_ptr(ptr, size, name)
     out = queue.copy()
     out[fifo_rows(size, ptr, rows.shape[0])] = rows.astype(queue.dtype, copy=False)
     return out, (ptr + rows.shape[0]) % size

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import validation as V
 from ..registry import Range, register
-from ..state import fifo_rows
+from ..state import check_ptr, fifo_rows
 from ._ts_common import ce_identity_grad, check_rows_like, check_views, clustered, grad_scalar, identity_ce
 from .normalize import l2_normalize_backward, l2_normalize_forward
 
@@ -157,12 +157,9 @@ def mean_shift_forward(query, target, bank, *, k=5, ptr=0):
     k = V.positive_int(k, "k")
     if k > m_rows:
         raise ValueError(f"k must be <= {m_rows} (the number of bank rows), got {k}")
-    if isinstance(ptr, (bool, np.bool_)) or not isinstance(ptr, (int, np.integer)):
-        raise TypeError(f"ptr must be an integer row index, got {type(ptr).__name__}")
-    if not 0 <= ptr < m_rows:
-        raise ValueError(f"ptr must be in [0, {m_rows}) (a row of bank), got {ptr}")
+    ptr = check_ptr(ptr, m_rows, "bank")
     qn, cq = l2_normalize_forward(query)
-    searched, idx = mean_shift_neighbours(target, bank, k=k, ptr=int(ptr))
+    searched, idx = mean_shift_neighbours(target, bank, k=k, ptr=ptr)
     mean_nn = searched[idx].mean(axis=1)  # (N, D): average of the k neighbours
     loss = 2.0 - 2.0 * np.sum(qn * mean_nn) / n
     return dtype.type(loss), (cq, mean_nn, n, dtype)
