@@ -263,6 +263,21 @@ def test_mean_shift_k_equal_bank_averages_all_rows():
     np.testing.assert_allclose(value("mean_shift", q, t, bank, k=5, ptr=3), expected, rtol=1e-12)
 
 
+def test_normalisation_conventions_of_stored_vectors():
+    """nnclr normalises the support (raw or unit rows give one loss); moco_queue uses queue rows as stored."""
+    rng = np.random.default_rng(31)
+    p1, p2, z1, z2 = (rng.standard_normal((3, 4)) for _ in range(4))
+    support = _unit_rows(rng.standard_normal((6, 4)))
+    scaled = support * rng.uniform(0.2, 5.0, (6, 1))  # lightly stores raw z
+    np.testing.assert_allclose(value("nnclr", p1, p2, z1, z2, scaled), value("nnclr", p1, p2, z1, z2, support),
+                               rtol=1e-12)
+    queue = _unit_rows(rng.standard_normal((5, 4)))
+    base = value("moco_queue", p1, z1, queue)
+    np.testing.assert_allclose(base, ref_moco_queue(p1, z1, queue), rtol=1e-12)
+    assert abs(value("moco_queue", p1, z1, 3.0 * queue) - base) > 1e-3  # not renormalised
+    np.testing.assert_allclose(value("moco_queue", 4.0 * p1, 0.5 * z1, queue), base, rtol=1e-12)  # q, k normalised
+
+
 # -- update order -----------------------------------------------------------------------------------
 
 
