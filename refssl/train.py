@@ -1,9 +1,10 @@
 """One trainer for joint-embedding self-supervised learning on view pairs.
 
-    trainer = Trainer(nn.mlp([3072, 256, 64]), "info_nce", optim.Adam(lr=1e-3), seed=0,
-                      loss_kwargs={"temperature": 0.5})
-    trainer.fit(pairs, steps=300)          # pairs: any iterable of (x1, x2) arrays
-    z = trainer.encode(x)                  # evaluation-mode embeddings
+    trainer = Trainer(nn.mlp([3072, 256, 64], norm="batch", flatten=True), "info_nce",
+                      optim.Adam(lr=1e-3), projector=nn.projector(64, 64, 32), seed=0,
+                      loss_kwargs={"temperature": 0.2})
+    trainer.fit(pairs, steps=300)          # pairs: any iterable of (x1, x2) image batches
+    z = trainer.encode(images)             # evaluation-mode encoder outputs
 
 Computation of one step (``x1``, ``x2`` two views of the same N images):
 

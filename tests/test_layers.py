@@ -345,6 +345,11 @@ def test_mlp_layout_and_names():
     assert params["0.w"].shape == (6, 8) and params["6.w"].shape == (8, 3)
     with pytest.raises(ValueError, match="norm"):
         nn.mlp([2, 3, 4], norm="group")
+    flat = nn.mlp([12, 4], flatten=True)
+    fp, fs = flat.init(np.random.default_rng(0), np.float64)
+    assert sorted(fp) == ["1.b", "1.w"]
+    x = np.random.default_rng(1).standard_normal((2, 3, 2, 2))
+    np.testing.assert_allclose(flat(fp, fs, x), x.reshape(2, 12) @ fp["1.w"] + fp["1.b"], rtol=1e-12)
 
 
 def test_save_load_roundtrip_is_atomic(tmp_path):

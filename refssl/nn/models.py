@@ -27,8 +27,10 @@ def _norm(kind, width):
     raise ValueError(f"norm must be None, 'batch' or 'layer', got {kind!r}")
 
 
-def mlp(dims, *, norm=None, act="relu", last_bias=True, last_norm=False) -> Sequential:
+def mlp(dims, *, norm=None, act="relu", last_bias=True, last_norm=False, flatten=False) -> Sequential:
     """``dims = [d_0, ..., d_L]``: L linear layers; every hidden layer is Linear -> [norm] -> act.
+
+    ``flatten=True`` prepends a Flatten, so that the MLP takes images (N, C, H, W) with d_0 = C*H*W.
 
     The last layer is a plain Linear (bias as ``last_bias``); ``last_norm=True`` appends the norm after it
     (the SimSiam projector ends in batch norm).
@@ -37,7 +39,7 @@ def mlp(dims, *, norm=None, act="relu", last_bias=True, last_norm=False) -> Sequ
     dims = [int(d) for d in dims]
     if len(dims) < 2:
         raise ValueError(f"dims needs at least an input and an output width, got {dims}")
-    layers = []
+    layers = [Flatten()] if flatten else []
     for a, b in zip(dims[:-2], dims[1:-1]):
         layers += [Linear(a, b, bias=norm != "batch"), *_norm(norm, b), _act(act)]
     layers.append(Linear(dims[-2], dims[-1], bias=last_bias))
