@@ -60,7 +60,7 @@ def pair_stream(seed=7, n=16, d=6, noise=0.1, dtype=np.float64):
 
 
 def make_trainer(seed=0, predictor=True, loss=None, dtype=np.float64, **kw):
-    return Trainer(nn.mlp([6, 8, 5], norm="batch"), loss or NegCosine(),
+    return Trainer(nn.mlp([6, 8, 5], norm="batch"), NegCosine() if loss is None else loss,
                    optim.SGD(lr=0.05, momentum=0.9, weight_decay=1e-4),
                    projector=nn.mlp([5, 7, 4], norm="batch"),
                    predictor=nn.mlp([4, 6, 4], norm="batch") if predictor else None,
@@ -74,32 +74,83 @@ def _objective(tr, online, target, x1, x2):
             x = tr.nets[name].forward(subdict(params, name), subdict(tr.buffers, name), x, train=True)[0]
         return x
     trunk = ["enc", "proj"]
-    if "pred" not in tr.nets:
+    if not tr.uses_targets:
         return tr.loss.forward(chain(online, trunk, x1), chain(online, trunk, x2))[0]
-    p1, p2 = chain(online, trunk + ["pred"], x1), chain(online, trunk + ["pred"], x2)
+    head = trunk + ["pred"] if "pred" in tr.nets else trunk
+    p1, p2 = chain(online, head, x1), chain(online, head, x2)
     t1, t2 = chain(target, trunk, x1), chain(target, trunk, x2)
+    if tr.loss_arity == 4:
+        return tr.loss.forward(p1, p2, t1, t2)[0]
     return 0.5 * (tr.loss.forward(p1, t2)[0] + tr.loss.forward(p2, t1)[0])
+
+
+def _check_gradients(tr, target, x1, x2, n_entries=2):
+    """Central differences of the objective in each online parameter tensor (target held fixed)."""
+    value, grads, _ = tr.loss_and_grads(x1, x2)
+    assert value == pytest.approx(_objective(tr, tr.params, target, x1, x2), rel=1e-12)
+    assert set(grads) == set(tr.params)
+    rng = np.random.default_rng(0)
+    h = 1e-6
+    for key in sorted(tr.params):
+        for _ in range(n_entries):
+            idx = tuple(int(rng.integers(s)) for s in tr.params[key].shape)
+            plus = {k: v.copy() for k, v in tr.params.items()}
+            minus = {k: v.copy() for k, v in tr.params.items()}
+            plus[key][idx] += h
+            minus[key][idx] -= h
+            fd = (_objective(tr, plus, target, x1, x2) - _objective(tr, minus, target, x1, x2)) / (2 * h)
+            assert grads[key][idx] == pytest.approx(fd, rel=1e-5, abs=1e-8), (key, idx)
 
 
 @pytest.mark.parametrize("predictor,loss", [(False, HalfSquaredDistance()), (True, NegCosine())])
 def test_trainer_gradients_match_finite_differences(predictor, loss):
     tr = make_trainer(predictor=predictor, loss=loss)
     x1, x2 = next(pair_stream(noise=0.5)(0))
-    value, grads, _ = tr.loss_and_grads(x1, x2)
-    assert value == pytest.approx(_objective(tr, tr.params, tr.params, x1, x2), rel=1e-12)
-    assert set(grads) == set(tr.params)
-    rng = np.random.default_rng(0)
-    h = 1e-6
-    for key in sorted(tr.params):
-        for _ in range(2):
-            idx = tuple(int(rng.integers(s)) for s in tr.params[key].shape)
-            plus = {k: v.copy() for k, v in tr.params.items()}
-            minus = {k: v.copy() for k, v in tr.params.items()}
-            plus[key][idx] += h
-            minus[key][idx] -= h
-            # Perturb the online branch only: the target branch is a constant (stop-gradient).
-            fd = (_objective(tr, plus, tr.params, x1, x2) - _objective(tr, minus, tr.params, x1, x2)) / (2 * h)
-            assert grads[key][idx] == pytest.approx(fd, rel=1e-5, abs=1e-8), (key, idx)
+    # The online branch is perturbed, the target branch (here: the same parameters) is a constant.
+    _check_gradients(tr, {k: v.copy() for k, v in tr.params.items()}, x1, x2)
+
+
+def test_byol_target_network_gradients_and_ema():
+    """The registered four-input ``byol`` loss, a predictor and an EMA target network."""
+    tr = make_trainer(seed=4, loss="byol", target_momentum=0.9)
+    assert tr.uses_targets and tr.loss_arity == 4
+    assert set(tr.target_params) == {k for k in tr.params if not k.startswith("pred.")}
+    x1, x2 = next(pair_stream(noise=0.5)(0))
+    # Move the target away from the online network so that the two branches differ.
+    tr.target_params = {k: v + 0.05 * np.random.default_rng(1).standard_normal(v.shape)
+                        for k, v in tr.target_params.items()}
+    _check_gradients(tr, tr.target_params, x1, x2)
+    before_online = {k: v.copy() for k, v in tr.params.items()}
+    before_target = {k: v.copy() for k, v in tr.target_params.items()}
+    tr.train_step(x1, x2)
+    for k, t in tr.target_params.items():  # EMA after the optimiser step: 0.9 old target + 0.1 new online
+        np.testing.assert_allclose(t, 0.9 * before_target[k] + 0.1 * tr.params[k], rtol=1e-12, atol=1e-15)
+        assert not np.array_equal(tr.params[k], before_online[k])
+    assert any(k.startswith("target.") for k in tr.buffers)  # the target keeps its own BN statistics
+
+
+def test_four_input_simsiam_equals_symmetrised_neg_cosine():
+    """simsiam(p1, p2, z1, z2) = (neg_cosine(p1, z2) + neg_cosine(p2, z1)) / 2, so both paths agree."""
+    x1, x2 = next(pair_stream(noise=0.5)(0))
+    four, two = make_trainer(seed=5, loss="simsiam"), make_trainer(seed=5, loss="neg_cosine")
+    assert four.loss_arity == 4 and two.loss_arity == 2
+    l4, g4, _ = four.loss_and_grads(x1, x2)
+    l2, g2, _ = two.loss_and_grads(x1, x2)
+    assert l4 == pytest.approx(l2, rel=1e-12)
+    for k in g4:
+        np.testing.assert_allclose(g4[k], g2[k], rtol=1e-9, atol=1e-13)
+
+
+def test_loss_with_wrong_arity_is_rejected():
+    class Three:
+        def forward(self, a, b, c):
+            return 0.0, None
+
+        def backward(self, cache, g):
+            return None, None, None
+
+    with pytest.raises(ValueError, match="2 .* or 4"):
+        make_trainer(loss=Three())
 
 
 def test_loss_falls_and_buffers_move():
@@ -122,15 +173,16 @@ def test_same_seed_same_run_different_seed_different_run():
     assert not all(np.array_equal(a.params[k], c.params[k]) for k in a.params)
 
 
-def test_checkpoint_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("kw", [{}, {"loss": "byol", "target_momentum": 0.99}], ids=["simsiam", "byol"])
+def test_checkpoint_resume_is_exact(tmp_path, kw):
     ckpt = tmp_path / "run.npz"
-    straight = make_trainer(seed=3)
+    straight = make_trainer(seed=3, **kw)
     straight.fit(pair_stream(), steps=12)
 
-    first = make_trainer(seed=3, checkpoint_path=ckpt, checkpoint_every=6)
+    first = make_trainer(seed=3, checkpoint_path=ckpt, checkpoint_every=6, **kw)
     first.fit(pair_stream(), steps=6)
     assert ckpt.exists() and os.listdir(tmp_path) == ["run.npz"]
-    resumed = make_trainer(seed=99)                   # different init, overwritten by the checkpoint
+    resumed = make_trainer(seed=99, **kw)             # different init, overwritten by the checkpoint
     resumed.load_checkpoint(ckpt)
     assert resumed.step == 6
     resumed.fit(pair_stream(), steps=12)
@@ -140,6 +192,8 @@ def test_checkpoint_resume_is_exact(tmp_path):
         np.testing.assert_array_equal(resumed.opt_state[k], straight.opt_state[k])
     for k in straight.buffers:
         np.testing.assert_array_equal(resumed.buffers[k], straight.buffers[k])
+    for k in (straight.target_params or {}):
+        np.testing.assert_array_equal(resumed.target_params[k], straight.target_params[k])
     assert resumed.history == straight.history[6:]
 
 
