@@ -22,6 +22,9 @@ projector being optional):
 
   A four-input loss (the registered ``simsiam``, ``byol``) is called once as ``loss(p_1, p_2, t_1, t_2)``;
   a two-input loss (``neg_cosine``, ...) is symmetrised, ``L = (loss(p_1, t_2) + loss(p_2, t_1)) / 2``.
+* **autoencoder** (a ``decoder``): the pair is (input, target) and ``L = loss(dec(enc(x_1)), x_2)``, e.g.
+  with the registered ``mse``; a stream of ``(x, x)`` trains a plain autoencoder, ``(noisy(x), x)`` a
+  denoising one.
 
 The two views go through the networks separately (batch-norm statistics per view, running statistics
 updated by view 1 then view 2, as in the official SimCLR/SimSiam code); gradients of the two passes are
@@ -72,6 +75,8 @@ class Trainer:
     ----------
     encoder, projector, predictor : :mod:`refssl.nn` modules (the last two optional).  Parameter names
         are prefixed ``enc.``, ``proj.``, ``pred.``.
+    decoder : a module mapping encoder outputs back to inputs (autoencoder mode, prefix ``dec.``); not
+        combined with a projector, predictor or target network.
     loss : registered op name (e.g. ``"info_nce"``) or an op-like object.
     optimizer : an optimiser of :mod:`refssl.optim`.
     schedule : optional ``schedule(step) -> lr`` (e.g. :class:`refssl.optim.CosineSchedule`); default:
@@ -88,7 +93,7 @@ class Trainer:
 
     def __init__(self, encoder, loss, optimizer, *, projector=None, predictor=None, schedule=None,
                  loss_kwargs=None, seed=0, dtype=np.float32, log_every=50, stream=None,
-                 checkpoint_path=None, checkpoint_every=0, target_momentum=None):
+                 checkpoint_path=None, checkpoint_every=0, target_momentum=None, decoder=None):
         self.loss = registry.get(loss) if isinstance(loss, str) else loss
         if not (hasattr(self.loss, "forward") and hasattr(self.loss, "backward")):
             raise TypeError(f"loss must be a registered op name or have forward/backward, got {loss!r}")
@@ -105,6 +110,13 @@ class Trainer:
             self.nets["proj"] = projector
         if predictor is not None:
             self.nets["pred"] = predictor
+        if decoder is not None:
+            if projector is not None or predictor is not None or target_momentum is not None:
+                raise ValueError("decoder (autoencoder mode) cannot be combined with a projector, a predictor "
+                                 "or a target network")
+            if self.loss_arity != 2:
+                raise ValueError("the autoencoder loss must take 2 inputs (reconstruction, target)")
+            self.nets["dec"] = decoder
         self.seed = int(seed)
         rng = np.random.default_rng(self.seed)
         self.params, self.buffers = {}, {}
@@ -112,7 +124,7 @@ class Trainer:
             p, s = net.init(rng, self.dtype)
             self.params.update(nnio.prefixed(p, prefix))
             self.buffers.update(nnio.prefixed(s, prefix))
-        self.trunk = [n for n in ("enc", "proj") if n in self.nets]
+        self.trunk = [n for n in ("enc", "proj", "dec") if n in self.nets]
         # Target network (EMA of encoder + projector): same names as the online parameters.
         self.target_params = None
         if target_momentum is not None:
@@ -157,6 +169,12 @@ class Trainer:
         if x1.shape != x2.shape:
             raise ValueError(f"x1 and x2 must have the same shape, got {x1.shape} and {x2.shape}")
         trunk, kw, grads = self.trunk, self.loss_kwargs, {}
+        if "dec" in self.nets:  # autoencoder: x2 is the target and gets no gradient
+            out, c, buffers = self._chain_forward(x1, trunk, self.buffers, True)
+            loss, lc = self.loss.forward(out, x2, **kw)
+            dout = np.asarray(self.loss.backward(lc, 1.0)[0], dtype=self.dtype)
+            _, grads = self._chain_backward(c, trunk, dout, grads, need_dx=False)
+            return self._checked(loss), grads, buffers
         z1, c1, buffers = self._chain_forward(x1, trunk, self.buffers, True)
         z2, c2, buffers = self._chain_forward(x2, trunk, buffers, True)
         if not self.uses_targets:
@@ -189,10 +207,13 @@ class Trainer:
         # The images need no gradient: the encoder's first layer skips it.
         _, grads = self._chain_backward(c1, trunk, np.asarray(dz1, dtype=self.dtype), grads, need_dx=False)
         _, grads = self._chain_backward(c2, trunk, np.asarray(dz2, dtype=self.dtype), grads, need_dx=False)
+        return self._checked(loss), grads, buffers
+
+    def _checked(self, loss) -> float:
         loss = float(loss)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {self.step}")
-        return loss, grads, buffers
+        return loss
 
     def train_step(self, x1, x2) -> float:
         """One optimisation step on a batch of view pairs; returns the loss before the update."""
@@ -243,6 +264,15 @@ class Trainer:
         names = [n for n in (("enc", "proj") if head else ("enc",)) if n in self.nets]
         x = np.asarray(x, dtype=self.dtype)
         outs = [self._chain_forward(x[i:i + batch_size], names, self.buffers, False)[0]
+                for i in range(0, len(x), batch_size)]
+        return np.concatenate(outs, axis=0)
+
+    def reconstruct(self, x, *, batch_size=1024) -> np.ndarray:
+        """Evaluation-mode reconstructions dec(enc(x)) (autoencoder mode)."""
+        if "dec" not in self.nets:
+            raise ValueError("reconstruct needs a decoder (autoencoder mode)")
+        x = np.asarray(x, dtype=self.dtype)
+        outs = [self._chain_forward(x[i:i + batch_size], ["enc", "dec"], self.buffers, False)[0]
                 for i in range(0, len(x), batch_size)]
         return np.concatenate(outs, axis=0)
 

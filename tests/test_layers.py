@@ -401,3 +401,25 @@ def test_decoder_backward_equals_gradcheck_of_the_whole_model():
     rep = gradcheck.check(_WholeNet(net, names, state, True), (x, *(params[k] for k in names)), {}, rng=rng,
                           tolerance=1e-6, name="decoder")
     assert rep.ok, rep.describe()
+
+
+def test_mse_known_values():
+    from refssl.ops import reconstruction
+
+    x = np.random.default_rng(0).random((2, 3, 4, 4)).astype(np.float32)
+    loss, cache = reconstruction.mse_forward(x, x)
+    assert loss == 0 and loss.dtype == np.float32
+    loss, cache = reconstruction.mse_forward(x + np.float32(0.5), x)
+    assert loss == pytest.approx(0.25, rel=1e-6)
+    dx, dt = reconstruction.mse_backward(cache, 1.0)
+    np.testing.assert_allclose(dx, np.full(x.shape, 2 * 0.5 / x.size), rtol=1e-5)
+    assert dt is None
+    with pytest.raises(ValueError, match="target"):
+        reconstruction.mse_forward(x, x[:, :2])
+
+
+def test_decoder_output_activation_choice():
+    assert isinstance(nn.conv_decoder(4, image_size=8, channels=(2,)).layers[-1], nn.Sigmoid)
+    assert isinstance(nn.conv_decoder(4, image_size=8, channels=(2,), out_act=None).layers[-1], nn.ConvTranspose2d)
+    with pytest.raises(ValueError, match="out_act"):
+        nn.conv_decoder(4, image_size=8, channels=(2,), out_act="tanh")

@@ -81,14 +81,18 @@ def predictor(dim, hidden=512, *, norm="batch") -> Sequential:
     return mlp([dim, hidden, dim], norm=norm)
 
 
-def conv_decoder(latent_dim, *, out_channels=3, image_size=32, channels=(64, 32, 16)) -> Sequential:
+def conv_decoder(latent_dim, *, out_channels=3, image_size=32, channels=(64, 32, 16),
+                 out_act="sigmoid") -> Sequential:
     """Decoder for the autoencoder, mirroring :func:`cnn_encoder`.
 
     Linear(latent_dim -> channels[0] * s^2) -> ReLU -> reshape to (channels[0], s, s), then a
     transposed convolution (kernel 4, stride 2, padding 1: doubles the size) per further channel entry
-    and a final one to ``out_channels``, ReLU between them and a sigmoid at the end (pixels in [0, 1]);
-    s = image_size / 2^len(channels).
+    and a final one to ``out_channels``, ReLU between them and ``out_act`` at the end: ``"sigmoid"``
+    (pixels in [0, 1]) or None (a linear output, which trains faster with a squared error on images with a
+    mostly black background: a saturated sigmoid passes little gradient); s = image_size / 2^len(channels).
     """
+    if out_act not in ("sigmoid", None):
+        raise ValueError(f"out_act must be 'sigmoid' or None, got {out_act!r}")
     n_up = len(channels)
     s = int(image_size) >> n_up
     if s << n_up != image_size or s < 1:
@@ -97,7 +101,10 @@ def conv_decoder(latent_dim, *, out_channels=3, image_size=32, channels=(64, 32,
     widths = list(channels) + [out_channels]
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(ConvTranspose2d(a, b, kernel=4, stride=2, padding=1))
-        layers.append(ReLU() if i < n_up - 1 else Sigmoid())
+        if i < n_up - 1:
+            layers.append(ReLU())
+        elif out_act == "sigmoid":
+            layers.append(Sigmoid())
     return Sequential(layers)
 
 
