@@ -83,8 +83,9 @@ class Trainer:
         the optimiser's constant ``lr``.
     loss_kwargs : hyperparameters passed to the loss forward.
     seed, dtype : initialisation seed and parameter dtype (inputs are cast to it).
-    log_every, stream : a progress line every ``log_every`` steps (and at the last one) to ``stream``;
-        ``log_every=0`` disables it.
+    log_every, stream : a progress line every ``log_every`` steps (and at the last one) to ``stream``
+        (default stderr): step, loss of the last step, its learning rate, throughput since the start of
+        :meth:`fit` and the remaining time at that rate; ``log_every=0`` disables it.
     checkpoint_path, checkpoint_every : save a checkpoint every ``checkpoint_every`` steps and at the end of
         :meth:`fit`.
     target_momentum : None (no target network), a float m in [0, 1], or ``m(step)`` (e.g.
@@ -250,7 +251,8 @@ class Trainer:
             if self.log_every and (self.step % self.log_every == 0 or self.step == steps):
                 el = time.perf_counter() - t0
                 eta = el / done * (steps - self.step)
-                print(f"step {self.step}/{steps}  loss {losses[-1]:.4f}  {seen / el:.1f} pairs/s  "
+                lr = self.schedule(self.step - 1) if self.schedule is not None else self.optimizer.lr
+                print(f"step {self.step}/{steps}  loss {losses[-1]:.4f}  lr {lr:.3g}  {seen / el:.1f} pairs/s  "
                       f"ETA {_fmt_duration(eta)}", file=self.stream, flush=True)
             if self.checkpoint_path and self.checkpoint_every and self.step % self.checkpoint_every == 0:
                 self.save_checkpoint(self.checkpoint_path)

@@ -212,8 +212,10 @@ def test_progress_line_and_schedule(tmp_path):
     tr.fit(pair_stream(dtype=np.float64), steps=10)   # float64 data is cast to the float32 model
     lines = out.getvalue().strip().splitlines()
     assert len(lines) == 2
-    pat = re.compile(r"^step (5|10)/10  loss \d+\.\d{4}  \d+\.\d pairs/s  ETA \d+:\d\d:\d\d$")
+    pat = re.compile(r"^step (5|10)/10  loss \d+\.\d{4}  lr (\S+)  \d+\.\d pairs/s  ETA \d+:\d\d:\d\d$")
     assert all(pat.match(line) for line in lines), lines
+    # the learning rate shown is the one used by the reported step (steps 4 and 9, 0-based)
+    assert [float(pat.match(line).group(2)) for line in lines] == pytest.approx([sch(4), sch(9)], rel=1e-2)
     assert all(v.dtype == np.float32 for v in tr.params.values())
 
 
