@@ -85,6 +85,8 @@ def invariance_scores(features, n_targets, traj_features, traj_id, traj_target, 
     traj_id : (M,) int, the trajectory of each frame.
     traj_target : (M,) int, the target (class) of each frame; a trajectory takes its first frame's.
     ks : the k of the top-k scores (clamped to D).
+    The score averages over the distinct values of ``traj_target``; a target none of whose trajectories
+    has ``min_length`` frames contributes 0, as in the official code.
     """
     t_pos, t_neg, g, p = firing_thresholds(features, n_targets)
     tf = _feats(traj_features, "traj_features")
@@ -102,12 +104,14 @@ def invariance_scores(features, n_targets, traj_features, traj_id, traj_target, 
     count = np.maximum(pos, neg)
     keep = lengths >= min_length
     count, lengths = count[keep], lengths[keep]
-    tgt = traj_target[order][starts][keep]
-    targets, tgt_idx = np.unique(tgt, return_inverse=True)
+    # as in the official code, every target counts in the mean score, also one whose trajectories were all
+    # too short (its local rates are then 0)
+    targets = np.unique(traj_target)
+    tgt_idx = np.searchsorted(targets, traj_target[order][starts][keep])
     fired = count > 0
     frac = np.where(fired, count / lengths[:, None], 0.0)
-    onehot = np.zeros((len(targets), len(tgt)))
-    onehot[tgt_idx, np.arange(len(tgt))] = 1.0
+    onehot = np.zeros((len(targets), len(tgt_idx)))
+    onehot[tgt_idx, np.arange(len(tgt_idx))] = 1.0
     local = (onehot @ frac) / np.maximum(onehot @ fired, 1e-20)  # units that never fire get 0
     J = local / g[None, :]
     J_sorted = -np.sort(-J, axis=1)
