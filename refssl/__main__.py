@@ -1,4 +1,4 @@
-"""Command line: ``python -m refssl gradcheck [OP ...]`` and ``python -m refssl list``."""
+"""Command line: ``python -m refssl gradcheck [OP ...]``, ``list`` and ``golden --out DIR``."""
 
 from __future__ import annotations
 
@@ -43,10 +43,19 @@ def main(argv=None) -> int:
     p.add_argument("ops", nargs="*", help="op names (default: all registered ops)")
     p.add_argument("--seeds", type=int, default=3, help="example seeds per op (default 3)")
     sub.add_parser("list", help="list registered ops with their references")
+    g = sub.add_parser("golden", help="export golden vectors (inputs, outputs, gradients) of every op")
+    g.add_argument("ops", nargs="*", help="op names (default: all registered ops)")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     np.seterr(over="raise", divide="raise", invalid="raise")  # a stable op must not overflow on its examples
     if args.command == "gradcheck":
         return _gradcheck(args.ops, args.seeds)
+    if args.command == "golden":
+        from .golden import export
+
+        print(f"wrote {export(args.out, args.ops or None, seed=args.seed)}")
+        return 0
     for name in registry.names():
         op = registry.get(name)
         print(f"{name}\n    reference:  {op.reference}\n    derivation: {op.derivation}")

@@ -124,7 +124,13 @@ def labels_array(labels, name: str, n: int, *, num_classes: int | None = None) -
 
 
 def scalar_array(x, name: str) -> np.ndarray:
-    """A finite 0-d float32/float64 array (a learnable scalar such as a logit scale)."""
+    """A finite 0-d float32/float64 array (a learnable scalar such as a logit scale).
+
+    numpy float scalars (what arithmetic on a 0-d array returns) are accepted and
+    returned as 0-d arrays; Python floats are not, since they carry no dtype.
+    """
+    if isinstance(x, np.floating):
+        x = np.asarray(x)
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a 0-d numpy float array (e.g. np.asarray(2.659)), "
                         f"got {type(x).__name__}")

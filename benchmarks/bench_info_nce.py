@@ -1,0 +1,109 @@
+"""Benchmark: info_nce forward + backward against the GEMM floor and torch autograd.
+
+    python benchmarks/bench_info_nce.py [--threads 2] [--repeats 15] [--sizes 256,1024,2048] [--dims 128,256]
+
+For each N (pairs), d and dtype it times
+
+* refssl ``info_nce`` forward + backward (upstream gradient 1),
+* the GEMM floor: the two matrix products any implementation needs, U U^T
+  (2N x d times d x 2N) and one (2N x 2N)(2N x d) product,
+* torch CPU autograd of the same formula (normalise, U U^T / tau, mask the
+  diagonal, cross-entropy to the partner view, backward), if torch is installed,
+
+all with the same number of threads, and prints medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _set_threads(n: int) -> None:
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "REFSSL_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, thread pools, BLAS buffers
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--sizes", default="256,1024,2048")
+    ap.add_argument("--dims", default="128,256")
+    ap.add_argument("--dtypes", default="float32,float64")
+    ap.add_argument("--temperature", type=float, default=0.1)
+    args = ap.parse_args(argv)
+    _set_threads(args.threads)  # before numpy/torch load their thread pools
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from refssl import registry
+
+    try:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    except ImportError:
+        torch = None
+
+    op = registry.get("info_nce")
+    tau = args.temperature
+    rng = np.random.default_rng(0)
+    print(f"info_nce forward+backward, tau={tau}, {args.threads} threads, median of {args.repeats} "
+          f"(torch {'%s' % torch.__version__ if torch else 'not installed'})")
+    header = f"{'N':>5} {'d':>4} {'dtype':>7} | {'refssl ms':>9} {'floor ms':>9} {'torch ms':>9} | " \
+             f"{'/floor':>6} {'/torch':>6}"
+    print(header)
+    print("-" * len(header))
+    for dtype_name in args.dtypes.split(","):
+        dtype = np.dtype(dtype_name)
+        for n in (int(s) for s in args.sizes.split(",")):
+            for d in (int(s) for s in args.dims.split(",")):
+                z1 = rng.standard_normal((n, d)).astype(dtype)
+                z2 = (z1 + 0.5 * rng.standard_normal((n, d))).astype(dtype)
+
+                def ours():
+                    _, cache = op.forward(z1, z2, temperature=tau)
+                    op.backward(cache, 1.0)
+
+                u = rng.standard_normal((2 * n, d)).astype(dtype)
+                ut = np.ascontiguousarray(u.T)
+                m = rng.standard_normal((2 * n, 2 * n)).astype(dtype)
+                gram = min(_median_ms(lambda: u @ u.T, args.repeats), _median_ms(lambda: u @ ut, args.repeats))
+                floor = gram + _median_ms(lambda: m @ u, args.repeats)
+                t_ours = _median_ms(ours, args.repeats)
+                t_torch = float("nan")
+                if torch is not None:
+                    tz1 = torch.from_numpy(z1).requires_grad_(True)
+                    tz2 = torch.from_numpy(z2).requires_grad_(True)
+                    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+                    eye = torch.eye(2 * n, dtype=torch.bool)
+
+                    def theirs():
+                        tz1.grad = tz2.grad = None
+                        uu = torch.nn.functional.normalize(torch.cat([tz1, tz2]), dim=1)
+                        logits = (uu @ uu.T / tau).masked_fill(eye, float("-inf"))
+                        torch.nn.functional.cross_entropy(logits, labels).backward()
+
+                    t_torch = _median_ms(theirs, args.repeats)
+                print(f"{n:>5} {d:>4} {dtype_name:>7} | {t_ours:>9.2f} {floor:>9.2f} {t_torch:>9.2f} | "
+                      f"{t_ours / floor:>6.2f} {t_ours / t_torch:>6.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

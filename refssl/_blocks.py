@@ -1,0 +1,51 @@
+"""Row-blocked evaluation of elementwise work on large (n x n) similarity matrices.
+
+numpy ufuncs run on one core and stream the whole matrix through memory once
+per operation.  For the O(n^2) part of a contrastive loss (shift, exp, row
+sums) we process blocks of rows instead: each block stays in cache across the
+fused steps, and blocks are spread over a small thread pool (ufuncs release the
+GIL), so the elementwise work uses the same cores as the BLAS calls around it.
+Results are identical to the unblocked computation: blocks partition rows and
+every step is row-local.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["map_row_blocks", "num_threads"]
+
+_MIN_PARALLEL_ROWS = 512
+_pool: ThreadPoolExecutor | None = None
+
+
+def num_threads() -> int:
+    """Worker threads for blocked elementwise work: REFSSL_NUM_THREADS, else the BLAS/OMP setting, else cores."""
+    for var in ("REFSSL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=num_threads(), thread_name_prefix="refssl-rows")
+    return _pool
+
+
+def map_row_blocks(fn, n_rows: int, block: int = 128) -> None:
+    """Call ``fn(start, stop)`` for consecutive row blocks covering ``range(n_rows)``.
+
+    Blocks run concurrently when the matrix is large enough for threads to pay
+    off; ``fn`` must only write rows ``start:stop`` of its outputs.
+    """
+    bounds = [(s, min(s + block, n_rows)) for s in range(0, n_rows, block)]
+    if n_rows < _MIN_PARALLEL_ROWS or num_threads() == 1:
+        for s, e in bounds:
+            fn(s, e)
+        return
+    for fut in [_executor().submit(fn, s, e) for s, e in bounds]:
+        fut.result()

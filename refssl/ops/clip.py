@@ -1,0 +1,107 @@
+"""CLIP's symmetric contrastive loss with a learnable logit scale."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import validation as V
+from ..numerics import logsumexp
+from ..registry import register
+from .normalize import l2_normalize_backward, l2_normalize_forward
+
+__all__ = ["clip_forward", "clip_backward", "clamp_logit_scale", "LOGIT_SCALE_INIT", "LOGIT_SCALE_MAX"]
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # ~2.6593: the scale starts at ~14.29
+LOGIT_SCALE_MAX = math.log(100.0)  # ~4.6052: logits are never scaled by more than 100
+
+
+def clip_forward(img, txt, logit_scale):
+    """Symmetric CLIP loss.
+
+    With row-normalised embeddings I = img/||img||, T = txt/||txt|| and the
+    learnable scalar s = ``logit_scale`` (the log of the multiplier, i.e.
+    log(1/tau))::
+
+        Lambda = exp(s) I T^T                           (N x N)
+        L = 1/2 [ CE(Lambda, id) + CE(Lambda^T, id) ]
+
+    with CE the row-mean softmax cross-entropy and id = (0, ..., N-1).
+    Shapes: img, txt (N, D); logit_scale a 0-d array of the same dtype ->
+    scalar.  All three inputs get gradients; dL/ds = sum(G * Lambda) with
+    G = dL/dLambda.  After an optimiser step apply :func:`clamp_logit_scale`
+    (a projection outside the graph, as open_clip does).
+
+    Reference: Radford et al. 2021, arXiv 2103.00020; mlfoundations/open_clip
+    src/open_clip/loss.py (ClipLoss) and src/open_clip_train/train.py (clamp).
+    Backward: derivations/contrastive_backward.md#clip.
+    """
+    V.float_array(img, "img", ndim=2, shape_doc="(N, D)")
+    V.float_array(txt, "txt", ndim=2, shape_doc="(N, D)")
+    V.same_shape([img, txt], ["img", "txt"])
+    logit_scale = V.scalar_array(logit_scale, "logit_scale")
+    V.same_dtype([img, txt, logit_scale], ["img", "txt", "logit_scale"])
+    dt = img.dtype
+    with np.errstate(over="ignore"):
+        scale = np.exp(logit_scale)
+    if not np.isfinite(scale):
+        raise ValueError(f"logit_scale must be small enough that exp(logit_scale) is finite in {dt}, "
+                         f"got {float(logit_scale)}")
+    ui, ci = l2_normalize_forward(img)
+    ut, ct = l2_normalize_forward(txt)
+    logits = scale * (ui @ ut.T)
+    lse_rows = logsumexp(logits, axis=1, keepdims=True)
+    lse_cols = logsumexp(logits, axis=0, keepdims=True)
+    diag = np.diagonal(logits)
+    loss = 0.5 * (np.mean(lse_rows) + np.mean(lse_cols)) - np.mean(diag)
+    p_rows = np.exp(logits - lse_rows)  # softmax over texts for each image
+    p_cols = np.exp(logits - lse_cols)  # softmax over images for each text
+    return dt.type(loss), (ui, ut, ci, ct, logits, scale, p_rows, p_cols)
+
+
+def clip_backward(cache, grad_out):
+    """G = g (P_rows + P_cols - 2 I) / (2N); dI = e^s G T, dT = e^s G^T I, ds = sum(G * Lambda)."""
+    ui, ut, ci, ct, logits, scale, p_rows, p_cols = cache
+    n, dt = ui.shape[0], ui.dtype
+    g = p_rows + p_cols
+    g[np.diag_indices(n)] -= 2
+    g *= dt.type(0.5 * float(grad_out) / n)
+    d_scale = np.asarray(np.sum(g * logits), dtype=dt)
+    g *= scale
+    d_img = l2_normalize_backward(ci, g @ ut)[0]
+    d_txt = l2_normalize_backward(ct, g.T @ ui)[0]
+    return d_img, d_txt, d_scale
+
+
+def clamp_logit_scale(logit_scale, *, min_value=0.0, max_value=LOGIT_SCALE_MAX):
+    """Projection applied after each optimiser step: s <- min(max(s, 0), ln 100).
+
+    Returns a new 0-d array (the input is not modified).  It is not part of the
+    differentiable graph: the clamp acts on the parameter, as in open_clip's
+    training loop, so the multiplier exp(s) stays in [1, 100].
+    """
+    logit_scale = V.scalar_array(logit_scale, "logit_scale")
+    lo, hi = float(min_value), float(max_value)
+    if lo > hi:
+        raise ValueError(f"min_value must be <= max_value, got {lo} > {hi}")
+    return np.clip(logit_scale, lo, hi).astype(logit_scale.dtype)
+
+
+def _example(rng, dtype=np.float64):
+    n, d = rng.integers(1, 7), rng.integers(2, 9)
+    img = rng.standard_normal((n, d))
+    txt = img + rng.standard_normal((n, d))
+    s = np.asarray(rng.uniform(0.0, LOGIT_SCALE_MAX))
+    return (img.astype(dtype), txt.astype(dtype), s.astype(dtype)), {}
+
+
+register(
+    "clip",
+    forward=clip_forward,
+    backward=clip_backward,
+    example=_example,
+    differentiable=(0, 1, 2),
+    reference="Radford et al. 2021, arXiv 2103.00020; mlfoundations/open_clip src/open_clip/loss.py (ClipLoss)",
+    derivation="derivations/contrastive_backward.md#clip",
+)

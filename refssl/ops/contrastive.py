@@ -1,0 +1,233 @@
+"""SimCLR NT-Xent (``info_nce``) and the debiased contrastive loss of Chuang et al.
+
+Both work on the 2N rows ``u = [l2n(z1); l2n(z2)]``: row ``i`` and row
+``i + N`` (mod 2N) are the two views of one sample, every other row is a
+negative, and an anchor never contrasts with itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import validation as V
+from .._blocks import map_row_blocks
+from ..numerics import logsumexp
+from ..registry import Range, register
+from .normalize import l2_normalize_backward, l2_normalize_forward
+
+__all__ = [
+    "info_nce_forward", "info_nce_backward",
+    "debiased_info_nce_forward", "debiased_info_nce_backward",
+    "NT_XENT_OFFICIAL_FACTOR",
+]
+
+# google-research/simclr reports (1/N) sum_i (l_A_i + l_B_i): twice the paper's mean over 2N anchors.
+NT_XENT_OFFICIAL_FACTOR = 2.0
+
+
+def _unit_views(z1, z2, min_rows=1):
+    """Validate two (N, D) views and L2-normalise their 2N stacked rows."""
+    V.float_array(z1, "z1", ndim=2, shape_doc="(N, D)", min_rows=min_rows)
+    V.float_array(z2, "z2", ndim=2, shape_doc="(N, D)", min_rows=min_rows)
+    V.same_shape([z1, z2], ["z1", "z2"])
+    V.same_dtype([z1, z2], ["z1", "z2"])
+    u, ncache = l2_normalize_forward(np.concatenate([z1, z2]))
+    return u, ncache
+
+
+def _gram(u):
+    # u @ u.T goes through BLAS syrk plus a triangle copy, which is slower than a plain GEMM on a copy.
+    return u @ np.ascontiguousarray(u.T)
+
+
+def _swap_views(a, n):
+    """Rows i <-> i + n: the positive partner of every stacked row."""
+    return np.concatenate([a[n:], a[:n]])
+
+
+def _split_grad(du, ncache, n):
+    dz = l2_normalize_backward(ncache, du)[0]
+    return dz[:n], dz[n:]
+
+
+# --------------------------------------------------------------------------------------------- info_nce
+
+
+def info_nce_forward(z1, z2, *, temperature=0.1):
+    """SimCLR NT-Xent loss (paper scale).
+
+    With ``u = [z1/||z1||; z2/||z2||]`` (2N x D), cosine similarities
+    ``s_ij = u_i . u_j`` and positive ``p(i) = i + N mod 2N``::
+
+        L = 1/(2N) sum_i [ -s_{i,p(i)}/tau + log sum_{j != i} exp(s_ij / tau) ]
+
+    i.e. self-similarity excluded, positive in the denominator, mean over the
+    2N anchors.  The official TF code (google-research/simclr tf2/objective.py,
+    ``add_contrastive_loss``) reports ``NT_XENT_OFFICIAL_FACTOR * L`` (its mean is
+    over N anchors of the two-direction sum).
+
+    Shapes: z1, z2 (N, D), N >= 1 -> scalar.  Gradients to both views.
+
+    Stability: cosines are at most 1, so ``exp((s - 1)/tau) <= 1`` never
+    overflows; the matrix of these values is symmetric, which lets backward
+    use one GEMM.  If a row's sum would underflow (only for tau below about
+    0.02 in float32), the op falls back to a per-row max shift.
+
+    Reference: Chen et al. 2020, arXiv 2002.05709; google-research/simclr
+    tf2/objective.py.  Backward: derivations/contrastive_backward.md#info_nce.
+    """
+    u, ncache = _unit_views(z1, z2)
+    tau = V.positive(temperature, "temperature")
+    n2, dt = u.shape[0], u.dtype
+    n = n2 // 2
+    pos = np.einsum("ij,ij->i", u[:n], u[n:])  # cosine of each positive pair
+    inv_tau = dt.type(1.0 / tau)
+    e = _gram(u * dt.type(math.sqrt(1.0 / tau)))  # logits s_ij / tau straight from the GEMM
+    z = np.empty(n2, dtype=dt)
+
+    def rows(s, t):
+        blk = e[s:t]
+        blk -= inv_tau
+        np.exp(blk, out=blk)
+        blk[np.arange(t - s), np.arange(s, t)] = 0  # exclude self-similarity
+        z[s:t] = blk.sum(axis=1)
+
+    map_row_blocks(rows, n2)
+    finfo = np.finfo(dt)
+    if n > 0 and z.min() >= finfo.tiny / finfo.eps:
+        log_z = np.log(z)
+        loss = np.mean(log_z) + (1.0 - np.mean(pos, dtype=np.float64)) / tau
+        cache = ("symmetric", e, (1.0 / z).astype(dt), u, ncache, tau)
+    else:  # some row sum is near underflow: shift each row by its own maximum
+        logits = _gram(u) * inv_tau
+        np.fill_diagonal(logits, -np.inf)
+        lse = logsumexp(logits, axis=1, keepdims=True)
+        p = np.exp(logits - lse)
+        loss = np.mean(lse) - np.mean(pos, dtype=np.float64) / tau
+        cache = ("rowwise", p, None, u, ncache, tau)
+    return dt.type(loss), cache
+
+
+def info_nce_backward(cache, grad_out):
+    """dL/du = (g / (2N tau)) [ (P + P^T) u - 2 u_swap ], then the L2-normalisation backward."""
+    kind, mat, r, u, ncache, tau = cache
+    n2, dt = u.shape[0], u.dtype
+    if kind == "symmetric":
+        # P = diag(r) E with E symmetric, so P + P^T = E * (r_i + r_j): no transpose needed.
+        m = np.empty_like(mat)
+
+        def rows(s, t):
+            np.add(r[s:t, None], r[None, :], out=m[s:t])
+            m[s:t] *= mat[s:t]
+
+        map_row_blocks(rows, n2)
+    else:
+        m = mat + mat.T
+    du = m @ u
+    du -= 2 * _swap_views(u, n2 // 2)
+    du *= dt.type(float(grad_out) / (n2 * tau))
+    return _split_grad(du, ncache, n2 // 2)
+
+
+def _views_example(rng, dtype=np.float64, min_rows=1):
+    n, d = rng.integers(min_rows, 7), rng.integers(2, 9)
+    z1 = rng.standard_normal((n, d))
+    z2 = z1 + 0.5 * rng.standard_normal((n, d))  # correlated views, like two augmentations
+    return z1.astype(dtype), z2.astype(dtype)
+
+
+register(
+    "info_nce",
+    forward=info_nce_forward,
+    backward=info_nce_backward,
+    example=lambda rng, dtype=np.float64: (_views_example(rng, dtype), {"temperature": 0.1}),
+    differentiable=(0, 1),
+    reference="Chen et al. 2020 (SimCLR), arXiv 2002.05709; google-research/simclr tf2/objective.py "
+              "(add_contrastive_loss)",
+    derivation="derivations/contrastive_backward.md#info_nce",
+    hyper_ranges={"temperature": Range(0.05, 5.0)},
+)
+
+
+# ------------------------------------------------------------------------------------ debiased_info_nce
+
+
+def debiased_info_nce_forward(z1, z2, *, temperature=0.5, tau_plus=0.1):
+    """Debiased contrastive loss (Chuang et al. 2020), computed in the log domain.
+
+    With u, s_ij and p(i) as in ``info_nce``, t = temperature, N_n = 2N - 2
+    negatives per anchor, pos_i = exp(s_{i,p(i)}/t) and
+    neg_i = sum_{j not in {i, p(i)}} exp(s_ij/t)::
+
+        Ng_i = max( (neg_i - tau_plus N_n pos_i) / (1 - tau_plus),  N_n exp(-1/t) )
+        L    = 1/(2N) sum_i -log( pos_i / (pos_i + Ng_i) )
+
+    The clamp N_n e^{-1/t} is the smallest value the negative sum can take on
+    the unit sphere.  tau_plus = 0 gives ``info_nce`` exactly.  The official
+    code exponentiates raw similarities; here every exponential is shifted by
+    the row maximum and the clamp is compared in log space, so tiny t neither
+    overflows nor takes log(0).
+
+    Shapes: z1, z2 (N, D) with N >= 2 (the estimator needs negatives) -> scalar.
+    tau_plus in [0, 1).  Gradients to both views.
+
+    Reference: Chuang et al. 2020, arXiv 2007.00224; chingyaoc/DCL main.py.
+    Backward: derivations/contrastive_backward.md#debiased_info_nce.
+    """
+    u, ncache = _unit_views(z1, z2, min_rows=2)
+    t = V.positive(temperature, "temperature")
+    tp = V.in_range(tau_plus, "tau_plus", 0.0, 1.0, high_open=True)
+    n2, dt = u.shape[0], u.dtype
+    n, n_neg = n2 // 2, n2 - 2
+    a = _gram(u) / dt.type(t)  # logits
+    np.fill_diagonal(a, -np.inf)
+    idx = np.arange(n2)
+    partner = (idx + n) % n2
+    m = a.max(axis=1)
+    a_pos = a[idx, partner] - m
+    w = np.exp(a - m[:, None])  # shifted exponentials; w[i, i] = 0
+    pos = w[idx, partner]
+    neg = w.sum(axis=1) - pos
+    est = (neg - tp * n_neg * pos) / (1.0 - tp)
+    log_clamp = math.log(n_neg) - 1.0 / t - m
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_est = np.log(est)
+    active = ~(log_est > log_clamp)  # clamp wins (also when est <= 0)
+    log_ng = np.where(active, log_clamp, log_est)
+    log_s = np.logaddexp(a_pos, log_ng)
+    loss = np.mean(log_s - a_pos)
+    cache = (w, log_s, a_pos, active, partner, u, ncache, t, tp)
+    return dt.type(loss), cache
+
+
+def debiased_info_nce_backward(cache, grad_out):
+    """Row gradients w.r.t. the logits, symmetrised through s = u u^T; see the derivation."""
+    w, log_s, a_pos, active, partner, u, ncache, t, tp = cache
+    n2, dt = u.shape[0], u.dtype
+    n_neg = n2 - 2
+    idx = np.arange(n2)
+    inv_s = np.exp(-log_s)  # 1 / (pos + Ng) in the shifted units of each row
+    live = (~active).astype(dt)
+    # negatives: dL_i/da_ij = [clamp inactive] w_ij / ((1 - tau+) S_i)
+    g = w * (live * inv_s / (1.0 - tp))[:, None]
+    # positive: -1 + pos/S (1 - [inactive] tau+ N_n / (1 - tau+))
+    pos_share = np.exp(a_pos - log_s)
+    g[idx, partner] = -1.0 + pos_share * (1.0 - live * tp * n_neg / (1.0 - tp))
+    g *= dt.type(float(grad_out) / (n2 * t))
+    du = (g + g.T) @ u
+    return _split_grad(du, ncache, n2 // 2)
+
+
+register(
+    "debiased_info_nce",
+    forward=debiased_info_nce_forward,
+    backward=debiased_info_nce_backward,
+    example=lambda rng, dtype=np.float64: (_views_example(rng, dtype, min_rows=2),
+                                           {"temperature": 0.5, "tau_plus": 0.1}),
+    differentiable=(0, 1),
+    reference="Chuang et al. 2020, arXiv 2007.00224; chingyaoc/DCL main.py",
+    derivation="derivations/contrastive_backward.md#debiased_info_nce",
+    hyper_ranges={"temperature": Range(0.05, 5.0), "tau_plus": Range(0.0, 0.3, log=False)},
+)

@@ -1,0 +1,229 @@
+"""Experiment registry, run context and atomic result writing for the toy experiment suite.
+
+An experiment is a function ``run(ctx) -> Outcome`` registered with
+:func:`experiment`.  It states its question and its expected outcome up front;
+the :class:`Outcome` it returns holds the measured metrics, a markdown table,
+and whether the measured numbers meet the expectation (with the reason, from
+the numbers).  :func:`run_experiment` writes ``metrics.json``, ``report.md``
+and the figures to a staging folder next to the destination and renames it
+into place only when everything is written, so an interrupted run never leaves
+partial results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["Experiment", "Outcome", "Context", "experiment", "EXPERIMENTS", "run_experiment", "write_index",
+           "LEVELS", "markdown_table"]
+
+LEVELS = ("tiny", "quick", "full")  # tiny: smoke test of the code path; quick: minutes; full: the real run
+
+
+@dataclass
+class Outcome:
+    """What an experiment measured and whether that meets its stated expectation."""
+
+    metrics: dict
+    table: str
+    met: bool | None  # None: the run was too small to judge (tiny level)
+    verdict: str  # one or two sentences, citing the numbers
+    figures: list[str] = field(default_factory=list)
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    question: str
+    expected: str
+    run: Callable[["Context"], Outcome]
+    order: int = 100
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def experiment(name: str, *, title: str, question: str, expected: str, order: int = 100):
+    """Decorator registering ``run(ctx) -> Outcome`` as a toy experiment."""
+
+    def wrap(fn):
+        if name in EXPERIMENTS:
+            raise ValueError(f"experiment {name!r} registered twice")
+        EXPERIMENTS[name] = Experiment(name, title, question, expected, fn, order)
+        return fn
+
+    return wrap
+
+
+class Context:
+    """What a running experiment gets: its level, seed, output folder and a progress reporter."""
+
+    def __init__(self, name: str, level: str, seed: int, out_dir: Path, stream=None):
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        self.name, self.level, self.seed, self.out_dir = name, level, seed, Path(out_dir)
+        self.rng = np.random.default_rng(seed)
+        self.stream = stream if stream is not None else sys.stderr
+        self.settings: dict = {}
+        self._t0 = time.perf_counter()
+
+    def pick(self, tiny, quick, full):
+        """The value of a size parameter for this run's level (recorded in the report's setting)."""
+        return {"tiny": tiny, "quick": quick, "full": full}[self.level]
+
+    def setting(self, **values):
+        """Record parameters of the run for the report; returns them for convenience."""
+        self.settings.update(values)
+        return values
+
+    def progress(self, message: str) -> None:
+        elapsed = time.perf_counter() - self._t0
+        print(f"[{self.name} {elapsed:6.1f}s] {message}", file=self.stream, flush=True)
+
+    def figure_path(self, filename: str) -> Path:
+        return self.out_dir / filename
+
+    def save_figure(self, fig, filename: str) -> str:
+        """Save a matplotlib figure into the run folder and close it; returns the file name."""
+        import matplotlib.pyplot as plt
+
+        fig.savefig(self.out_dir / filename, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return filename
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".3f") -> str:
+    """Rows of dicts as a markdown table."""
+    if not rows:
+        return ""
+    columns = columns or list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, (float, np.floating)):
+            return "nan" if not math.isfinite(float(v)) else format(float(v), floatfmt)
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    return obj
+
+
+def _verdict_word(met) -> str:
+    return {True: "met", False: "NOT met", None: "not judged (tiny run)"}[met]
+
+
+def _report(exp: Experiment, ctx: Context, out: Outcome, seconds: float) -> str:
+    setting = ", ".join(f"{k} = {v}" for k, v in ctx.settings.items()) or "(defaults)"
+    parts = [
+        f"# {exp.title}",
+        "",
+        f"**Question.** {exp.question}",
+        "",
+        f"**Expected outcome (stated before running).** {exp.expected}",
+        "",
+        f"**Setting.** level `{ctx.level}`, seed {ctx.seed}; {setting}. Wall time {seconds:.1f} s.",
+        "",
+        "## Measured",
+        "",
+        out.table,
+        "",
+        f"**Outcome: expectation {_verdict_word(out.met)}.** {out.verdict}",
+    ]
+    if out.notes:
+        parts += ["", out.notes]
+    if out.figures:
+        parts += ["", "## Figures", ""] + [f"![{f}]({f})" for f in out.figures]
+    return "\n".join(parts) + "\n"
+
+
+def _atomic_replace_dir(staging: Path, dest: Path) -> None:
+    """Move a finished staging folder to ``dest``, replacing any previous result in one rename."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_experiment(name: str, *, level: str = "full", seed: int = 0, out: str | Path | None = None,
+                   results_root: str | Path = "results", stream=None) -> dict:
+    """Run one experiment and write its folder atomically; returns a summary dict."""
+    exp = EXPERIMENTS[name]
+    dest = Path(out) if out is not None else Path(results_root) / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        ctx = Context(name, level, seed, staging, stream=stream)
+        ctx.progress(f"start ({level}, seed {seed})")
+        t0 = time.perf_counter()
+        outcome = exp.run(ctx)
+        seconds = time.perf_counter() - t0
+        for f in outcome.figures:
+            if not (staging / f).is_file():
+                raise RuntimeError(f"experiment {name} reported figure {f} but did not write it")
+        summary = {
+            "name": name, "title": exp.title, "level": level, "seed": seed, "seconds": round(seconds, 2),
+            "expected": exp.expected, "met": outcome.met, "verdict": outcome.verdict,
+            "settings": ctx.settings, "metrics": outcome.metrics, "figures": outcome.figures,
+        }
+        (staging / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+        (staging / "report.md").write_text(_report(exp, ctx, outcome, seconds))
+        _atomic_replace_dir(staging, dest)
+        ctx.progress(f"done in {seconds:.1f}s: expectation {_verdict_word(outcome.met)} -> {dest}")
+        summary["path"] = str(dest)
+        return summary
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_index(summaries: list[dict], path: str | Path) -> None:
+    """Index report of a suite run (written atomically)."""
+    path = Path(path)
+    rows = [{"experiment": f"[{s['name']}]({Path(s['path']).name}/report.md)", "title": s["title"],
+             "expectation": _verdict_word(s["met"]), "seconds": s["seconds"]} for s in summaries]
+    met = sum(1 for s in summaries if s["met"] is True)
+    judged = sum(1 for s in summaries if s["met"] is not None)
+    text = "\n".join([
+        "# Toy experiment suite",
+        "",
+        f"{len(summaries)} experiments; expectation met in {met} of {judged} judged runs; "
+        f"total {sum(s['seconds'] for s in summaries):.1f} s.",
+        "",
+        markdown_table(rows, floatfmt=".1f"),
+        "",
+    ] + [f"- **{s['name']}**: {s['verdict']}" for s in summaries]) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
