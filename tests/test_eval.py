@@ -13,7 +13,7 @@ from scipy.optimize import minimize
 from refssl.baselines import brief, brief_pairs, evaluate_baselines, raw_pixels
 from refssl.data import factor_labels, make_dataset, sample_factors, trajectories
 from refssl.eval import (
-    cluster_accuracy, clustering_accuracy, effective_rank, factor_table, firing_thresholds,
+    alignment_metric, uniformity_metric, cluster_accuracy, clustering_accuracy, effective_rank, factor_table, firing_thresholds,
     invariance_scores, kmeans, knn_accuracy, linear_probe, nearest_neighbors, retrieval_grids,
     retrieval_mosaic,
 )
@@ -336,3 +336,34 @@ def test_evaluate_baselines_runs_on_small_data():
     res, md = out["pixels"]
     assert res["color"]["knn_val"] > 2 * res["color"]["chance"]
     assert "BRIEF-64" in out["brief"][1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Alignment / uniformity metrics (the registered ops on normalised embeddings)
+
+
+def test_alignment_metric_known_values():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((50, 8))
+    assert alignment_metric(z, 3.0 * z) == pytest.approx(0.0, abs=1e-12)  # same direction after normalising
+    assert alignment_metric(z, -z) == pytest.approx(4.0)  # antipodal: ||x - (-x)||^2 = 4
+    # orthogonal unit pairs: squared distance 2, distance^1 = sqrt 2
+    e = np.eye(4)
+    assert alignment_metric(e, np.roll(e, 1, axis=1), alpha=1) == pytest.approx(np.sqrt(2))
+
+
+def test_uniformity_metric_known_values():
+    # the regular K-gon on S^1: pairwise squared distances 2 - 2 cos(2 pi m / K), written out here
+    k = 6
+    ang = 2 * np.pi * np.arange(k) / k
+    pts = np.stack([np.cos(ang), np.sin(ang)], 1) * 5.0  # normalised by the metric
+    vals = [np.exp(-2 * (2 - 2 * np.cos(ang[j] - ang[i]))) for i in range(k) for j in range(i + 1, k)]
+    assert uniformity_metric(pts) == pytest.approx(np.log(np.mean(vals)))
+    collapsed = np.ones((10, 3))
+    assert uniformity_metric(collapsed) == pytest.approx(0.0, abs=1e-12)  # log e^0
+    big = np.random.default_rng(0).standard_normal((2000, 3))
+    with pytest.raises(ValueError, match="max_points"):
+        uniformity_metric(big)
+    est = uniformity_metric(big, rng=np.random.default_rng(1), max_points=400)
+    # uniform on S^2 with t = 2: E exp(-2 |x - y|^2) = (1 - e^{-8}) / 8 exactly (|x - y|^2 = 2 - 2u, u ~ U(-1, 1))
+    assert est == pytest.approx(np.log((1 - np.exp(-8)) / 8), abs=0.08)

@@ -5,7 +5,7 @@ collapse and clustering diagnostics.  See :mod:`refssl.eval.probes`, :mod:`refss
 
 from .invariance import InvarianceResult, firing_thresholds, invariance_scores  # noqa: F401
 from .metrics import (  # noqa: F401
-    cluster_accuracy, clustering_accuracy, effective_rank, kmeans,
+    alignment_metric, cluster_accuracy, clustering_accuracy, effective_rank, kmeans, uniformity_metric,
 )
 from .probes import (  # noqa: F401
     factor_table, knn_accuracy, knn_predict, linear_probe, nearest_neighbors, standardize, table_markdown,
