@@ -367,3 +367,20 @@ def test_uniformity_metric_known_values():
     est = uniformity_metric(big, rng=np.random.default_rng(1), max_points=400)
     # uniform on S^2 with t = 2: E exp(-2 |x - y|^2) = (1 - e^{-8}) / 8 exactly (|x - y|^2 = 2 - 2u, u ~ U(-1, 1))
     assert est == pytest.approx(np.log((1 - np.exp(-8)) / 8), abs=0.08)
+
+
+def test_invariance_table_of_a_colour_only_feature():
+    from refssl.data import generate
+    from refssl.eval import invariance_table
+
+    split = generate(600, np.random.default_rng(0))  # 3 shape targets: 600 * 2/3 is whole, G = 1/3
+
+    def encode(images):  # the colour of the shape: invariant to every factor but colour
+        return images.reshape(len(images), 3, -1).max(-1).astype(np.float64)
+
+    res, md = invariance_table(encode, split.images, split.factors, np.random.default_rng(1),
+                               n_instances=60, n_steps=4, ks=(1, 3))
+    for factor in ("shape", "position", "size", "rotation"):
+        assert res[factor][1] == pytest.approx(100.0, abs=1e-6), factor
+    assert res["color"][1] < 60.0
+    assert md.count("\n") == 6 and "| color |" in md

@@ -3,7 +3,7 @@ collapse and clustering diagnostics.  See :mod:`refssl.eval.probes`, :mod:`refss
 :mod:`refssl.eval.invariance`, :mod:`refssl.eval.metrics`.
 """
 
-from .invariance import InvarianceResult, firing_thresholds, invariance_scores  # noqa: F401
+from .invariance import InvarianceResult, firing_thresholds, invariance_scores, invariance_table  # noqa: F401
 from .metrics import (  # noqa: F401
     alignment_metric, cluster_accuracy, clustering_accuracy, effective_rank, kmeans, uniformity_metric,
 )
