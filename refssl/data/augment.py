@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .shapes import (
-    N_COLORS, SHAPES, SIZE_RANGE, EXTENT, Factors, _check_rng, position_bounds, render,
+    EXTENT, N_COLORS, SHAPES, SIZE_RANGE, Factors, _check_rng, render,
     sample_color_jitter, sample_positions,
 )
 
@@ -328,7 +328,7 @@ def make_views(family: str, factors: Factors, rng, *, images=None, size: int = 3
     kind, spec = FAMILIES[family]
     if kind == "latent":
         v2, _ = rerender(factors, rng, spec, size=size, background=background)
-        return images, v2
+        return images.copy(), v2  # a copy, so that editing a view never edits the dataset
     return spec(images, rng), spec(images, rng)
 
 

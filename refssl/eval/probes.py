@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import log_softmax
 
-__all__ = ["lbfgs", "standardize", "linear_probe", "knn_predict", "knn_accuracy", "factor_table"]
+__all__ = ["lbfgs", "standardize", "linear_probe", "nearest_neighbors", "knn_predict", "knn_accuracy",
+           "factor_table", "table_markdown"]
 
 
 def _features(x, name):
