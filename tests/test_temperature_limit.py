@@ -177,8 +177,9 @@ def test_pull_on_the_positive_equals_total_push_on_negatives(seed, n, d, tau):
     rows = np.arange(m)
     pull = -ds[rows, labels]
     push = ds.sum(axis=1) + pull
-    assert np.all(pull > 0)
-    np.testing.assert_allclose(push, pull, rtol=1e-10, atol=1e-15)
+    assert np.all(pull >= 0) and np.all(push > 0)  # pull is 0 when P_pos rounds to 1
+    # pull = (1 - P_pos)/tau comes from P_pos - 1 in the op: absolute precision ~ eps / tau
+    np.testing.assert_allclose(push, pull, rtol=1e-10, atol=5e-15 / tau)
     # the integrated form: adding a constant to a row of logits leaves the loss unchanged
     logits, labels, _ = _row_logits(s, tau)
     shifted = logits + rng.uniform(-3, 3, size=(m, 1))
@@ -226,7 +227,8 @@ def test_hardness_weight_is_the_share_of_the_push(seed, n, d, tau):
         w = [math.exp(s[i, j] / tau) for j in neg]
         np.testing.assert_allclose(r_op[i], np.array(w) / sum(w), rtol=1e-10)
         rest = 1 - p[i, _partner(i, m)]  # computed by cancellation: relative error ~ 1e-16 / rest
-        np.testing.assert_allclose(r_op[i], p[i, neg] / rest, rtol=1e-10 + 1e-15 / rest)
+        if rest > 1e-8:
+            np.testing.assert_allclose(r_op[i], p[i, neg] / rest, rtol=1e-10 + 1e-15 / rest)
 
 
 @pytest.mark.derivation("temperature_limit.md#T5")
@@ -532,7 +534,7 @@ def test_normalisation_removes_the_scale(seed, n, d, tau):
     dz = np.concatenate(INFO.backward(cache, 1.0))
     z = np.concatenate([z1, z2])
     radial = np.einsum("ij,ij->i", z, dz)
-    assert np.all(np.abs(radial) <= 1e-12 * (np.linalg.norm(z, axis=1) * np.linalg.norm(dz, axis=1) + 1e-300))
+    assert np.all(np.abs(radial) <= 1e-13 * np.linalg.norm(z, axis=1) * np.linalg.norm(dz, axis=1).max())
 
 
 @pytest.mark.derivation("temperature_limit.md#T16")
@@ -555,10 +557,11 @@ def test_clip_logit_scale_gradient_is_the_scale_derivative(seed, n, d, theta, no
     expected = lam / 2 * (rows / n + cols / n)
     _, cache = CLIP.forward(img, txt, np.asarray(theta))
     d_theta = float(CLIP.backward(cache, 1.0)[2])
-    assert d_theta == pytest.approx(expected, rel=1e-9, abs=1e-13)
+    # both sides subtract nearly equal numbers of size ~ lambda: absolute precision ~ eps * lambda
+    assert d_theta == pytest.approx(expected, rel=1e-9, abs=1e-14 * lam)
     ranked = all(c[i, i] > c[i, k] and c[i, i] > c[k, i] for i in range(n) for k in range(n) if k != i)
     if ranked:
-        assert d_theta <= 0
+        assert d_theta <= 1e-14 * lam  # <= 0 up to the rounding of sum(G * logits)
 
 
 @pytest.mark.derivation("temperature_limit.md#T16")
@@ -640,7 +643,7 @@ def test_aligned_loss_is_a_gaussian_potential_at_t_one_over_two_tau(seed, n, d, 
     for a in range(n):
         pot = sum(math.exp(-t * sum((v[a, c] - v[b, c]) ** 2 for c in range(d))) for b in range(n) if b != a)
         expected += math.log1p(2 * pot) / n
-    assert _info_nce(z1, z2, tau) == pytest.approx(expected, rel=1e-10, abs=1e-15)
+    assert _info_nce(z1, z2, tau) == pytest.approx(expected, rel=1e-10, abs=1e-13)
 
 
 @pytest.mark.derivation("temperature_limit.md#T20")
