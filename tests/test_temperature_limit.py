@@ -387,9 +387,13 @@ def _large_tau_terms(s):
 def test_large_temperature_limit_is_linear_with_hoeffding_remainder(seed, n, d, kind):
     rng = np.random.default_rng(seed)
     z1, z2 = _views(rng, n, d, kind)
-    _, s = _cosines(z1, z2)
+    u, s = _cosines(z1, z2)
     lin, width, _, _ = _large_tau_terms(s)
     k = 2 * n - 1
+    # the batch form of the linear term: (||sum u||^2 - 2N) / (2N (2N - 1)) - mean positive similarity
+    total = u.sum(axis=0)
+    mean_pos = sum(s[i, _partner(i, 2 * n)] for i in range(2 * n)) / (2 * n)
+    assert lin.mean() == pytest.approx((total @ total - 2 * n) / (2 * n * k) - mean_pos, rel=1e-12, abs=1e-14)
     previous = math.inf
     for tau in (3.0, 30.0, 300.0, 3000.0):
         eps = _info_nce(z1, z2, tau) - (math.log(k) + lin.mean() / tau)
