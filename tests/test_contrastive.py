@@ -283,6 +283,10 @@ def test_clamp_logit_scale_projects_to_0_ln100():
     s = np.asarray(3.0, dtype=np.float32)
     out = clamp_logit_scale(s)
     assert float(out) == 3.0 and out.dtype == np.float32 and out is not s
+    assert isinstance(out, np.ndarray) and out.shape == ()
+    # the clamped parameter feeds straight back into the loss (update-then-clamp loop)
+    img, txt = views(0, n=3)
+    registry.get("clip").forward(img.astype(np.float32), txt.astype(np.float32), clamp_logit_scale(s + 9))
 
 
 def test_clip_errors():
