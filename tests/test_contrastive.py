@@ -434,7 +434,7 @@ def test_info_nce_unnormalised_variant(seed, tau):
 
 
 def test_unnormalised_loss_vanishes_with_scale_normalised_does_not():
-    z1, z2 = views(8, n=6, d=8, noise=0.05)  # positives rank first
+    z1, z2 = (unit(v) for v in views(8, n=6, d=8, noise=0.05))  # unit rows: each positive ranks first
     raw = [fwd("info_nce", a * z1, a * z2, temperature=0.5, normalize=False) for a in (1, 3, 10)]
     assert raw[0] > raw[1] > raw[2] and raw[2] < 1e-6
     cos = [fwd("info_nce", a * z1, a * z2, temperature=0.5) for a in (1, 3, 10)]
