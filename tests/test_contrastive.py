@@ -283,6 +283,10 @@ def test_clamp_logit_scale_projects_to_0_ln100():
     s = np.asarray(3.0, dtype=np.float32)
     out = clamp_logit_scale(s)
     assert float(out) == 3.0 and out.dtype == np.float32 and out is not s
+    assert isinstance(out, np.ndarray) and out.shape == ()
+    # the clamped parameter feeds straight back into the loss (update-then-clamp loop)
+    img, txt = views(0, n=3)
+    registry.get("clip").forward(img.astype(np.float32), txt.astype(np.float32), clamp_logit_scale(s + 9))
 
 
 def test_clip_errors():
@@ -406,3 +410,34 @@ def test_alignment_uniformity_errors():
         registry.get("alignment").forward(np.ones((3, 2)), np.ones((3, 3)))
     with pytest.raises(ValueError, match="at least 2 rows"):
         registry.get("uniformity").forward(np.ones((1, 2)))
+
+
+def ref_dot_nce(z1, z2, tau):
+    u = np.concatenate([z1, z2])
+    n2 = len(u)
+    total = 0.0
+    for i in range(n2):
+        p = (i + n2 // 2) % n2
+        logits = np.array([u[i] @ u[j] / tau for j in range(n2) if j != i])
+        m = logits.max()
+        total += m + math.log(np.exp(logits - m).sum()) - u[i] @ u[p] / tau
+    return total / n2
+
+
+@given(seed=seeds, tau=st.floats(0.05, 5.0))
+def test_info_nce_unnormalised_variant(seed, tau):
+    z1, z2 = views(seed)
+    got = fwd("info_nce", z1, z2, temperature=tau, normalize=False)
+    assert got == pytest.approx(ref_dot_nce(z1, z2, tau), rel=1e-10)
+    assert_gradients("info_nce", (z1, z2), {"temperature": tau, "normalize": False},
+                     rng=np.random.default_rng(seed))
+
+
+def test_unnormalised_loss_vanishes_with_scale_normalised_does_not():
+    z1, z2 = (unit(v) for v in views(8, n=6, d=8, noise=0.05))  # unit rows: each positive ranks first
+    raw = [fwd("info_nce", a * z1, a * z2, temperature=0.5, normalize=False) for a in (1, 3, 10)]
+    assert raw[0] > raw[1] > raw[2] and raw[2] < 1e-6
+    cos = [fwd("info_nce", a * z1, a * z2, temperature=0.5) for a in (1, 3, 10)]
+    assert max(cos) - min(cos) < 1e-12
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        fwd("info_nce", z1, z2, normalize="no")

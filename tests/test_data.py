@@ -11,7 +11,7 @@ from hypothesis import given
 from matplotlib.path import Path
 
 from refssl.data import (
-    FAMILIES, N_COLORS, SHAPES, SIZE_RANGE, Factors, color_jitter, factor_labels, gaussian_blur,
+    FAMILIES, N_COLORS, SHAPES, SIZE_RANGE, color_jitter, factor_labels, gaussian_blur,
     gaussian_noise, generate, horizontal_flip, make_dataset, make_views, position_bounds,
     random_resized_crop, random_translate, render, resample_factors, sample_factors, trajectories,
     view_pair_stream,

@@ -3,11 +3,23 @@ collapse and clustering diagnostics.  See :mod:`refssl.eval.probes`, :mod:`refss
 :mod:`refssl.eval.invariance`, :mod:`refssl.eval.metrics`.
 """
 
-from .invariance import InvarianceResult, firing_thresholds, invariance_scores  # noqa: F401
-from .metrics import (  # noqa: F401
-    cluster_accuracy, clustering_accuracy, effective_rank, kmeans,
+from .invariance import (
+    firing_thresholds, invariance_scores, invariance_table, InvarianceResult,
 )
-from .probes import (  # noqa: F401
-    factor_table, knn_accuracy, knn_predict, linear_probe, nearest_neighbors, standardize, table_markdown,
+from .metrics import (
+    alignment_metric, cluster_accuracy, clustering_accuracy, effective_rank, kmeans, uniformity_metric,
 )
-from .retrieval import retrieval_grids, retrieval_mosaic, save_retrieval_grid  # noqa: F401
+from .probes import (
+    factor_table, knn_accuracy, knn_predict, lbfgs, linear_probe, nearest_neighbors, standardize,
+    table_markdown,
+)
+from .retrieval import (
+    retrieval_grids, retrieval_mosaic, save_retrieval_grid,
+)
+
+__all__ = [
+    "firing_thresholds", "InvarianceResult", "invariance_scores", "invariance_table", "effective_rank",
+    "cluster_accuracy", "kmeans", "clustering_accuracy", "alignment_metric", "uniformity_metric", "lbfgs",
+    "standardize", "linear_probe", "nearest_neighbors", "knn_predict", "knn_accuracy", "factor_table",
+    "table_markdown", "retrieval_mosaic", "save_retrieval_grid", "retrieval_grids",
+]

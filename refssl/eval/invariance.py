@@ -16,6 +16,10 @@ A unit i *fires* on x when f_i(x) > t_i.  With |Y| targets (classes, or instance
 - score Inv_k = mean_y mean of the top-k J_y(i), reported as Inv_k * (100 - p), i.e. (without ties) the mean
   top-k local firing rate in percent: a unit that fires on every frame of every trajectory on which it
   fires at all scores 100.
+
+Ties: with many equal activations (ReLU zeros, background pixels) the threshold sits on the tie, the
+empirical G exceeds max(1/|Y|, 0.05) and the score no longer reads as a percentage; this follows the
+official code, so compare such representations with care.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["firing_thresholds", "InvarianceResult", "invariance_scores"]
+__all__ = ["firing_thresholds", "InvarianceResult", "invariance_scores", "invariance_table"]
 
 
 def _feats(x, name):
@@ -85,6 +89,8 @@ def invariance_scores(features, n_targets, traj_features, traj_id, traj_target, 
     traj_id : (M,) int, the trajectory of each frame.
     traj_target : (M,) int, the target (class) of each frame; a trajectory takes its first frame's.
     ks : the k of the top-k scores (clamped to D).
+    The score averages over the distinct values of ``traj_target``; a target none of whose trajectories
+    has ``min_length`` frames contributes 0, as in the official code.
     """
     t_pos, t_neg, g, p = firing_thresholds(features, n_targets)
     tf = _feats(traj_features, "traj_features")
@@ -102,12 +108,14 @@ def invariance_scores(features, n_targets, traj_features, traj_id, traj_target, 
     count = np.maximum(pos, neg)
     keep = lengths >= min_length
     count, lengths = count[keep], lengths[keep]
-    tgt = traj_target[order][starts][keep]
-    targets, tgt_idx = np.unique(tgt, return_inverse=True)
+    # as in the official code, every target counts in the mean score, also one whose trajectories were all
+    # too short (its local rates are then 0)
+    targets = np.unique(traj_target)
+    tgt_idx = np.searchsorted(targets, traj_target[order][starts][keep])
     fired = count > 0
     frac = np.where(fired, count / lengths[:, None], 0.0)
-    onehot = np.zeros((len(targets), len(tgt)))
-    onehot[tgt_idx, np.arange(len(tgt))] = 1.0
+    onehot = np.zeros((len(targets), len(tgt_idx)))
+    onehot[tgt_idx, np.arange(len(tgt_idx))] = 1.0
     local = (onehot @ frac) / np.maximum(onehot @ fired, 1e-20)  # units that never fire get 0
     J = local / g[None, :]
     J_sorted = -np.sort(-J, axis=1)
@@ -116,3 +124,42 @@ def invariance_scores(features, n_targets, traj_features, traj_id, traj_target, 
         kk = min(int(k), J.shape[1])
         scores[int(k)] = float(J_sorted[:, :kk].mean(axis=1).mean() * (100.0 - p))
     return InvarianceResult(t_pos, t_neg, g, local, J, scores, targets, p)
+
+
+def invariance_table(encode, dataset_images, factors, rng, *, vary=("color", "shape", "position", "size",
+                                                                     "rotation"),
+                     target="shape", n_instances=200, n_steps=8, ks=(10, 25), name="representation"):
+    """Invariance of a representation to each latent factor of the colored shapes.
+
+    encode : callable mapping images (M, 3, S, S) to features (M, D).
+    dataset_images, factors : a dataset split; its features set the thresholds, and its first
+        ``n_instances`` instances are re-rendered along a trajectory of each factor in ``vary``
+        (:func:`refssl.data.trajectories`; position paths are drawn from ``rng``).
+    target : the factor whose classes are the targets Y (``"shape"`` or ``"color"``), or ``"instance"``
+        (each instance its own target, the fallback of the official code).
+
+    Returns ``(results, markdown)`` with ``results[factor] = {k: score}``.  A factor the representation
+    is invariant to scores high (100 at most): units that fire on a trajectory keep firing along it.
+    """
+    from ..data.augment import trajectories
+    from ..data.shapes import N_COLORS, SHAPES
+
+    if target not in ("shape", "color", "instance"):
+        raise ValueError(f"target must be 'shape', 'color' or 'instance', got {target!r}")
+    size = dataset_images.shape[-1]
+    feats = np.asarray(encode(dataset_images), dtype=np.float64)
+    inst = factors.take(slice(0, min(n_instances, len(factors))))
+    n_targets = {"shape": len(SHAPES), "color": N_COLORS, "instance": len(inst)}[target]
+    results = {}
+    for factor in vary:
+        tr = trajectories(inst, factor, rng, n_steps=n_steps, size=size)
+        tf = np.asarray(encode(tr.images), dtype=np.float64)
+        # the target of a trajectory is the instance's own class (constant along every trajectory
+        # except the one that varies that very factor, where the first frame's class is used)
+        tgt = tr.traj_id if target == "instance" else getattr(inst, target)[tr.traj_id]
+        results[factor] = invariance_scores(feats, n_targets, tf, tr.traj_id, tgt, ks=ks).scores
+    lines = [f"| {name}: varied factor | " + " | ".join(f"Inv top-{k}" for k in ks) + " |",
+             "|---|" + "---:|" * len(ks)]
+    for factor, sc in results.items():
+        lines.append(f"| {factor} | " + " | ".join(f"{sc[k]:.1f}" for k in ks) + " |")
+    return results, "\n".join(lines)

@@ -99,3 +99,40 @@ def clustering_accuracy(z, labels, rng, *, k=None, n_init=4):
     k = int(len(np.unique(labels)) if k is None else k)
     pred, _ = kmeans(z, k, rng, n_init=n_init)
     return cluster_accuracy(labels, pred)
+
+
+def _unit_rows(z):
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def alignment_metric(z1, z2, *, alpha=2, normalize=True):
+    """L_align = mean_i ||x_i - y_i||^alpha of two views' embeddings (N, D), L2-normalised first unless
+    ``normalize=False``; evaluated with the registered ``alignment`` op.  0 for identical views, 4 (alpha
+    = 2) for antipodal ones."""
+    from .. import registry
+
+    z1, z2 = _matrix(z1, "z1").astype(np.float64), _matrix(z2, "z2").astype(np.float64)
+    if normalize:
+        z1, z2 = _unit_rows(z1), _unit_rows(z2)
+    return float(registry.get("alignment").forward(z1, z2, alpha=alpha)[0])
+
+
+def uniformity_metric(z, *, t=2, normalize=True, rng=None, max_points=512):
+    """L_unif = log mean_{i<j} exp(-t ||x_i - x_j||^2) of embeddings (N, D), L2-normalised first unless
+    ``normalize=False``; evaluated with the registered ``uniformity`` op over unique pairs.
+
+    The op holds every pair difference in memory (N (N - 1) / 2 x D), so above ``max_points`` rows the
+    metric is estimated on a random subset of that many rows drawn from ``rng`` (required then).  Lower
+    is more uniform; on S^{D-1} it is bounded below by the value of the uniform distribution.
+    """
+    from .. import registry
+
+    z = _matrix(z, "z").astype(np.float64)
+    if len(z) > max_points:
+        if rng is None:
+            raise ValueError(f"z has {len(z)} rows > max_points={max_points}: pass rng to subsample, "
+                             f"or raise max_points")
+        z = z[np.sort(rng.choice(len(z), size=max_points, replace=False))]
+    if normalize:
+        z = _unit_rows(z)
+    return float(registry.get("uniformity").forward(z, t=t)[0])

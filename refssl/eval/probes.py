@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import log_softmax
 
-__all__ = ["lbfgs", "standardize", "linear_probe", "knn_predict", "knn_accuracy", "factor_table"]
+__all__ = ["lbfgs", "standardize", "linear_probe", "nearest_neighbors", "knn_predict", "knn_accuracy",
+           "factor_table", "table_markdown"]
 
 
 def _features(x, name):
@@ -211,13 +212,15 @@ def knn_predict(train_x, train_y, query_x, *, k=1, metric="euclidean", exclude_s
     train_y = np.asarray(train_y, dtype=np.int64)
     nn = nearest_neighbors(query_x, train_x, k, metric=metric, exclude_self=exclude_self)
     c = int(n_classes if n_classes is not None else train_y.max() + 1)
-    votes = np.zeros((len(nn), c))
     rows = np.arange(len(nn))
     neighbour_labels = train_y[nn]
-    for j in range(k):  # k is small; each rank adds one vote per query (a class appears once per rank)
-        # a vote of 1 plus a tiny rank bonus, so that among tied classes the nearer neighbour wins
-        votes[rows, neighbour_labels[:, j]] += 1.0 + 1e-6 * (k - j) / k
-    return np.argmax(votes, axis=1)
+    counts = np.zeros((len(nn), c), dtype=np.int64)
+    first = np.full((len(nn), c), k, dtype=np.int64)  # rank of each class's nearest neighbour
+    for j in reversed(range(k)):  # k is small; within one rank each query adds one vote to one class
+        counts[rows, neighbour_labels[:, j]] += 1
+        first[rows, neighbour_labels[:, j]] = j
+    # most votes first; among tied classes, the one with the nearest neighbour
+    return np.argmax(counts * (k + 1) + (k - first), axis=1)
 
 
 def knn_accuracy(train_x, train_y, val_x=None, val_y=None, *, k=1, metric="euclidean", n_classes=None):

@@ -85,7 +85,7 @@ def clamp_logit_scale(logit_scale, *, min_value=0.0, max_value=LOGIT_SCALE_MAX):
     lo, hi = float(min_value), float(max_value)
     if lo > hi:
         raise ValueError(f"min_value must be <= max_value, got {lo} > {hi}")
-    return np.clip(logit_scale, lo, hi).astype(logit_scale.dtype)
+    return np.asarray(np.clip(logit_scale, lo, hi), dtype=logit_scale.dtype)  # np.clip of 0-d gives a scalar
 
 
 def _example(rng, dtype=np.float64):

@@ -27,14 +27,15 @@ __all__ = [
 NT_XENT_OFFICIAL_FACTOR = 2.0
 
 
-def _unit_views(z1, z2, min_rows=1):
-    """Validate two (N, D) views and L2-normalise their 2N stacked rows."""
+def _unit_views(z1, z2, min_rows=1, normalize=True):
+    """Validate two (N, D) views and L2-normalise their 2N stacked rows (cache None: not normalised)."""
     V.float_array(z1, "z1", ndim=2, shape_doc="(N, D)", min_rows=min_rows)
     V.float_array(z2, "z2", ndim=2, shape_doc="(N, D)", min_rows=min_rows)
     V.same_shape([z1, z2], ["z1", "z2"])
     V.same_dtype([z1, z2], ["z1", "z2"])
-    u, ncache = l2_normalize_forward(np.concatenate([z1, z2]))
-    return u, ncache
+    if not normalize:
+        return np.concatenate([z1, z2]), None
+    return l2_normalize_forward(np.concatenate([z1, z2]))
 
 
 def _gram(u):
@@ -48,14 +49,14 @@ def _swap_views(a, n):
 
 
 def _split_grad(du, ncache, n):
-    dz = l2_normalize_backward(ncache, du)[0]
+    dz = du if ncache is None else l2_normalize_backward(ncache, du)[0]
     return dz[:n], dz[n:]
 
 
 # --------------------------------------------------------------------------------------------- info_nce
 
 
-def info_nce_forward(z1, z2, *, temperature=0.1):
+def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True):
     """SimCLR NT-Xent loss (paper scale).
 
     With ``u = [z1/||z1||; z2/||z2||]`` (2N x D), cosine similarities
@@ -70,6 +71,11 @@ def info_nce_forward(z1, z2, *, temperature=0.1):
 
     Shapes: z1, z2 (N, D), N >= 1 -> scalar.  Gradients to both views.
 
+    ``normalize=False`` uses raw dot products s_ij = z_i . z_j instead of
+    cosines: the un-normalised variant whose loss can be driven to 0 by
+    inflating norms once the ranking is right (derivations/temperature_limit.md,
+    the logit-scaling shortcut).  It is not SimCLR; it exists to show that.
+
     Stability: cosines are at most 1, so ``exp((s - 1)/tau) <= 1`` never
     overflows; the matrix of these values is symmetric, which lets backward
     use one GEMM.  If a row's sum would underflow (only for tau below about
@@ -78,14 +84,15 @@ def info_nce_forward(z1, z2, *, temperature=0.1):
     Reference: Chen et al. 2020, arXiv 2002.05709; google-research/simclr
     tf2/objective.py.  Backward: derivations/contrastive_backward.md#info_nce.
     """
-    u, ncache = _unit_views(z1, z2)
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    u, ncache = _unit_views(z1, z2, normalize=normalize)
     tau = V.positive(temperature, "temperature")
     n2, dt = u.shape[0], u.dtype
     n = n2 // 2
     pos = np.einsum("ij,ij->i", u[:n], u[n:])  # cosine of each positive pair
     inv_tau = dt.type(1.0 / tau)
-    e = _gram(u * dt.type(math.sqrt(1.0 / tau)))  # logits s_ij / tau straight from the GEMM
-    z = np.empty(n2, dtype=dt)
+    z = np.zeros(n2, dtype=dt)
 
     def rows(s, t):
         blk = e[s:t]
@@ -94,13 +101,15 @@ def info_nce_forward(z1, z2, *, temperature=0.1):
         blk[np.arange(t - s), np.arange(s, t)] = 0  # exclude self-similarity
         z[s:t] = blk.sum(axis=1)
 
-    map_row_blocks(rows, n2)
+    if normalize:  # the single shift 1/tau bounds the logits only for cosines
+        e = _gram(u * dt.type(math.sqrt(1.0 / tau)))  # logits s_ij / tau straight from the GEMM
+        map_row_blocks(rows, n2)
     finfo = np.finfo(dt)
-    if n > 0 and z.min() >= finfo.tiny / finfo.eps:
+    if normalize and z.min() >= finfo.tiny / finfo.eps:
         log_z = np.log(z)
         loss = np.mean(log_z) + (1.0 - np.mean(pos, dtype=np.float64)) / tau
         cache = ("symmetric", e, (1.0 / z).astype(dt), u, ncache, tau)
-    else:  # some row sum is near underflow: shift each row by its own maximum
+    else:  # raw dot products, or a row sum near underflow: shift each row by its own maximum
         logits = _gram(u) * inv_tau
         np.fill_diagonal(logits, -np.inf)
         lse = logsumexp(logits, axis=1, keepdims=True)
