@@ -261,15 +261,15 @@ def test_autoencoder_learns_to_reconstruct_colored_shapes():
     from refssl import data
 
     images = data.generate(256, np.random.default_rng(0), size=8).images
-    tr = _ae_trainer(dtype=np.float32, width=16, latent=32, out_act=None)
+    tr = _ae_trainer(dtype=np.float32, lr=3e-3, width=16, latent=32, out_act=None)
 
     def stream(start):
         r = np.random.default_rng([3, start])
         while True:
-            x = images[r.choice(len(images), 64, replace=False)]
+            x = images[r.choice(len(images), 32, replace=False)]
             yield x, x
 
-    losses = tr.fit(stream, steps=300)
+    losses = tr.fit(stream, steps=120)
     assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:5])
     rec = tr.reconstruct(images[:16])
     assert rec.shape == (16, 3, 8, 8) and rec.dtype == np.float32
