@@ -14,7 +14,7 @@ from refssl.train import Trainer
 
 def test_info_nce_mlp_learns_colour_on_colored_shapes(tmp_path):
     ds = data.make_dataset(2000, 500, np.random.default_rng(0))
-    encoder = nn.mlp([3 * 32 * 32, 128, 64], norm="batch", flatten=True)
+    encoder = nn.mlp([3 * 32 * 32, 64, 64], norm="batch", flatten=True)
     trainer = Trainer(encoder, "info_nce", optim.Adam(lr=1e-3), projector=nn.mlp([64, 64, 32], norm="batch"),
                       loss_kwargs={"temperature": 0.2}, seed=0, log_every=0,
                       checkpoint_path=tmp_path / "ckpt.npz")
