@@ -19,7 +19,7 @@ def _pool_setup(x, kernel, stride):
     return kernel, stride, (h - kernel) // stride + 1, (w - kernel) // stride + 1
 
 
-def _offsets(x, k, stride, ho, wo):
+def _offsets(k, stride, ho, wo):
     """The k*k strided slices x[:, :, p::stride, q::stride] (each (N, C, Ho, Wo), views), row-major in (p, q).
 
     Pooling loops over these k*k kernel offsets (never over samples or pixels): each pass is one
@@ -44,7 +44,7 @@ def avg_pool2d_forward(x, *, kernel=2, stride=None):
     """
     kernel, stride, ho, wo = _pool_setup(x, kernel, stride)
     out = np.zeros((x.shape[0], x.shape[1], ho, wo), dtype=x.dtype)
-    for sl in _offsets(x, kernel, stride, ho, wo):
+    for sl in _offsets(kernel, stride, ho, wo):
         out += x[sl]
     out *= x.dtype.type(1.0 / (kernel * kernel))
     return out, (x.shape, x.dtype, kernel, stride)
@@ -57,7 +57,7 @@ def avg_pool2d_backward(cache, grad_out):
     ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
     g = upstream(grad_out, (n, c, ho, wo), dtype) * dtype.type(1.0 / (k * k))
     dx = np.zeros(xshape, dtype=dtype)
-    for sl in _offsets(dx, k, stride, ho, wo):
+    for sl in _offsets(k, stride, ho, wo):
         dx[sl] += g
     return (dx,)
 
@@ -102,7 +102,7 @@ def max_pool2d_forward(x, *, kernel=2, stride=None):
     Backward: derivations/layers_backward.md#max_pool2d.
     """
     kernel, stride, ho, wo = _pool_setup(x, kernel, stride)
-    offsets = _offsets(x, kernel, stride, ho, wo)
+    offsets = _offsets(kernel, stride, ho, wo)
     out = x[next(offsets)].copy()
     arg = np.zeros(out.shape, dtype=np.int8 if kernel * kernel < 128 else np.int32)
     for idx, sl in enumerate(offsets, start=1):
@@ -119,7 +119,7 @@ def max_pool2d_backward(cache, grad_out):
     g = upstream(grad_out, arg.shape, dtype)
     dx = np.zeros(xshape, dtype=dtype)
     zero = dtype.type(0)
-    for idx, sl in enumerate(_offsets(dx, k, stride, *arg.shape[2:])):
+    for idx, sl in enumerate(_offsets(k, stride, *arg.shape[2:])):
         if stride >= k:  # windows do not overlap: each input entry is written at most once
             dx[sl] = np.where(arg == idx, g, zero)
         else:
