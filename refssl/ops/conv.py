@@ -4,7 +4,7 @@ Both ops take NCHW tensors at their interface but work internally in NHWC, where
 run of contiguous channel vectors: the window gather is a strided view (``as_strided``, no copy) that one
 ``reshape`` turns into the column matrix, and the GEMM is a single ``@``.  The column matrix is kept in the
 cache and reused for the weight gradient.  The scatter-add that inverts im2col (col2im) loops over the
-KH*KW kernel offsets -- never over samples or pixels.
+KH*KW kernel offsets -- never over samples or pixels -- and reads one contiguous block per offset.
 """
 
 from __future__ import annotations
@@ -25,15 +25,28 @@ def _windows(xp, kh, kw, stride, ho, wo):
                       strides=(sn, sh * stride, sw * stride, sh, sw, sc), writeable=False)
 
 
-def _col2im(cols, hp, wp, stride):
-    """Adjoint of :func:`_windows`: sum cols (N, Ho, Wo, KH, KW, C) into an (N, Hp, Wp, C) image."""
-    n, ho, wo, kh, kw, c = cols.shape
-    out = np.zeros((n, hp, wp, c), dtype=cols.dtype)
+def _col2im(blocks, hp, wp, stride):
+    """Adjoint of :func:`_windows`: sum blocks (KH, KW, N, Ho, Wo, C) into an (N, Hp, Wp, C) image.
+
+    ``blocks[p, q]`` holds, for every output position, the contribution to the input pixel at kernel
+    offset (p, q).  With that layout each of the KH*KW slice-adds reads one contiguous block.
+    """
+    kh, kw, n, ho, wo, c = blocks.shape
+    out = np.zeros((n, hp, wp, c), dtype=blocks.dtype)
     hspan, wspan = stride * (ho - 1) + 1, stride * (wo - 1) + 1
     for i in range(kh):
         for j in range(kw):
-            out[:, i:i + hspan:stride, j:j + wspan:stride, :] += cols[:, :, :, i, j, :]
+            out[:, i:i + hspan:stride, j:j + wspan:stride, :] += blocks[i, j]
     return out
+
+
+def _offset_gemm(a, w_offsets, kh, kw, n, ho, wo):
+    """a (M, K) times each kernel-offset matrix w_offsets[k] (K, C) -> blocks (KH, KW, N, Ho, Wo, C).
+
+    One batched matmul (KH*KW GEMMs); the result is laid out offset-major for :func:`_col2im`.
+    """
+    out = np.matmul(a, w_offsets)
+    return out.reshape(kh, kw, n, ho, wo, w_offsets.shape[-1])
 
 
 def _nhwc_padded(x, padding):
@@ -59,7 +72,8 @@ def conv2d_forward(x, w, b, *, stride=1, padding=0):
     (dilation 1, groups 1, zero padding).
 
     Computed by im2col: an (N*Ho*Wo, KH*KW*C) column matrix (strided view + one copy) times the
-    reshaped weights, a single GEMM; the columns are reused for the weight gradient.
+    reshaped weights, a single GEMM; the columns are reused for the weight gradient.  The input gradient
+    is computed per kernel offset (KH*KW GEMMs with F x C matrices) so that col2im adds contiguous blocks.
 
     Reference: LeCun et al. 1998 (Proc. IEEE), "Gradient-based learning applied to document recognition";
     Chellapilla, Puri & Simard 2006 (im2col); PyTorch torch/nn/modules/conv.py.
@@ -113,8 +127,9 @@ def _conv2d_grads(cache, grad_out, need_dx):
     db = g.sum(axis=(0, 2, 3)) if has_b else None
     if not need_dx:
         return None, dw, db
-    dcols = (gmat @ wmat).reshape(n, ho, wo, kh, kw, c)
-    dxp = _col2im(dcols, h + 2 * padding, wd + 2 * padding, stride)
+    # d cols = gmat @ wmat, computed per kernel offset so that col2im reads contiguous blocks.
+    w_offsets = wmat.reshape(f, kh * kw, c).transpose(1, 0, 2)  # (KH*KW, F, C)
+    dxp = _col2im(_offset_gemm(gmat, w_offsets, kh, kw, n, ho, wo), h + 2 * padding, wd + 2 * padding, stride)
     dx = dxp[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
     return np.ascontiguousarray(dx), dw, db
 
@@ -175,8 +190,8 @@ def conv_transpose2d_forward(x, w, b, *, stride=1, padding=0):
         param(b, "b", (o,), "(C_out,)", x)
     xmat = x.transpose(0, 2, 3, 1).reshape(n * h * wd, c)
     wmat = w.transpose(0, 2, 3, 1).reshape(c, kh * kw * o)  # rows: input channel; cols: (p, q, o)
-    cols = (xmat @ wmat).reshape(n, h, wd, kh, kw, o)
-    outp = _col2im(cols, hp, wp, stride)
+    outp = _col2im(_offset_gemm(xmat, w.transpose(2, 3, 0, 1).reshape(kh * kw, c, o), kh, kw, n, h, wd),
+                   hp, wp, stride)
     out = outp[:, padding:hp - padding, padding:wp - padding, :]
     if b is not None:
         out = out + b
