@@ -7,7 +7,7 @@ from .invariance import (
     firing_thresholds, invariance_scores, invariance_table, InvarianceResult,
 )
 from .metrics import (
-    alignment_metric, cluster_accuracy, clustering_accuracy, effective_rank, kmeans, uniformity_metric,
+    alignment_metric, effective_rank, kmeans_accuracy, uniformity_metric,
 )
 from .probes import (
     factor_table, knn_accuracy, knn_predict, lbfgs, linear_probe, nearest_neighbors, standardize,
@@ -19,7 +19,7 @@ from .retrieval import (
 
 __all__ = [
     "firing_thresholds", "InvarianceResult", "invariance_scores", "invariance_table", "effective_rank",
-    "cluster_accuracy", "kmeans", "clustering_accuracy", "alignment_metric", "uniformity_metric", "lbfgs",
+    "kmeans_accuracy", "alignment_metric", "uniformity_metric", "lbfgs",
     "standardize", "linear_probe", "nearest_neighbors", "knn_predict", "knn_accuracy", "factor_table",
     "table_markdown", "retrieval_mosaic", "save_retrieval_grid", "retrieval_grids",
 ]

@@ -28,17 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import validation as V
+
 __all__ = ["firing_thresholds", "InvarianceResult", "invariance_scores", "invariance_table"]
 
 
 def _feats(x, name):
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
-        raise TypeError(f"{name} must be a float numpy array of shape (N, D)")
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} must have shape (N, D) with N, D >= 1, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return x
+    return V.float_array(x, name, ndim=2, shape_doc="(N, D)")
 
 
 def firing_percent(n_targets: int) -> float:

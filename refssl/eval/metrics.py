@@ -1,23 +1,18 @@
-"""Scalar diagnostics of an embedding: effective rank (a collapse detector), clustering accuracy with
-Hungarian matching, k-means, and the alignment / uniformity metrics of Wang & Isola (arXiv 2005.10242)."""
+"""Scalar diagnostics of an embedding: effective rank (a collapse detector), k-means clustering accuracy
+with Hungarian matching, and the alignment / uniformity metrics of Wang & Isola (arXiv 2005.10242)."""
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
-__all__ = ["effective_rank", "cluster_accuracy", "kmeans", "clustering_accuracy", "alignment_metric",
-           "uniformity_metric"]
+from .. import validation as V
+from ..clustering import clustering_accuracy, kmeans
+
+__all__ = ["effective_rank", "kmeans_accuracy", "alignment_metric", "uniformity_metric"]
 
 
 def _matrix(x, name):
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
-        raise TypeError(f"{name} must be a float numpy array of shape (N, D)")
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} must have shape (N, D) with N, D >= 1, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return x
+    return V.float_array(x, name, ndim=2, shape_doc="(N, D)")
 
 
 def effective_rank(z, *, center=False, eps=1e-12):
@@ -39,66 +34,15 @@ def effective_rank(z, *, center=False, eps=1e-12):
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def cluster_accuracy(y_true, y_pred):
-    """Accuracy of a clustering under the best one-to-one matching of clusters to classes (Hungarian
-    algorithm on the contingency table).  Works for any numbers of clusters and classes; points in
-    unmatched clusters count as errors."""
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) == 0:
-        raise ValueError(f"y_true and y_pred must be non-empty 1-d arrays of one shape, got "
-                         f"{y_true.shape} and {y_pred.shape}")
-    classes, ti = np.unique(y_true, return_inverse=True)
-    clusters, pi = np.unique(y_pred, return_inverse=True)
-    table = np.zeros((len(clusters), len(classes)), dtype=np.int64)
-    np.add.at(table, (pi, ti), 1)
-    rows, cols = linear_sum_assignment(table, maximize=True)
-    return float(table[rows, cols].sum() / len(y_true))
+def kmeans_accuracy(z, labels, rng, *, k=None, n_init=4):
+    """k-means on z (k = number of distinct labels by default), then Hungarian-matched accuracy.
 
-
-def kmeans(x, k, rng, *, n_iter=100, n_init=4):
-    """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007); the best of ``n_init`` runs by
-    inertia.  Returns ``(labels (N,), centers (k, D))``."""
-    x = _matrix(x, "x").astype(np.float64)
-    n = len(x)
-    if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-        raise ValueError(f"k must be an integer in [1, {n}], got {k!r}")
-    sq = (x * x).sum(1)
-    best = None
-    for _ in range(n_init):  # a few restarts; each run is vectorised over points
-        centers = np.empty((k, x.shape[1]))
-        centers[0] = x[rng.integers(n)]
-        d2 = np.maximum(sq - 2 * x @ centers[0] + centers[0] @ centers[0], 0.0)
-        for j in range(1, k):  # seeding picks centres one at a time by definition
-            total = d2.sum()
-            i = rng.choice(n, p=d2 / total) if total > 0 else rng.integers(n)
-            centers[j] = x[i]
-            d2 = np.minimum(d2, np.maximum(sq - 2 * x @ centers[j] + centers[j] @ centers[j], 0.0))
-        labels = None
-        for _ in range(n_iter):
-            dist = sq[:, None] - 2 * x @ centers.T + (centers * centers).sum(1)[None, :]
-            new = np.argmin(dist, axis=1)
-            if labels is not None and np.array_equal(new, labels):
-                break
-            labels = new
-            onehot = np.zeros((n, k))
-            onehot[np.arange(n), labels] = 1.0
-            counts = onehot.sum(0)
-            sums = onehot.T @ x
-            nonempty = counts > 0
-            centers[nonempty] = sums[nonempty] / counts[nonempty, None]
-        inertia = np.maximum(dist[np.arange(n), labels], 0.0).sum()
-        if best is None or inertia < best[0]:
-            best = (inertia, labels, centers.copy())
-    return best[1], best[2]
-
-
-def clustering_accuracy(z, labels, rng, *, k=None, n_init=4):
-    """k-means on z (k = number of distinct labels by default), then Hungarian-matched accuracy."""
+    Uses :func:`refssl.clustering.kmeans` and :func:`refssl.clustering.clustering_accuracy`.
+    """
     labels = np.asarray(labels)
     k = int(len(np.unique(labels)) if k is None else k)
-    pred, _ = kmeans(z, k, rng, n_init=n_init)
-    return cluster_accuracy(labels, pred)
+    pred = kmeans(_matrix(z, "z").astype(np.float64), k, rng, n_init=n_init, max_iter=100).assignments
+    return float(clustering_accuracy(labels, pred))
 
 
 def _unit_rows(z):
