@@ -15,24 +15,20 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout
+from _timing import times, use_checkout  # noqa: E402
+
+use_checkout()
 from refssl import nn, optim  # noqa: E402
 
 
 def _median_time(fn, repeats):
     """Median and minimum over ``repeats`` timed calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times)
+    ts = times(fn, repeats)
+    return statistics.median(ts), min(ts)
 
 
 def bench_refssl(batch, repeats, norm):

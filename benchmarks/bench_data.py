@@ -8,8 +8,8 @@ Target: 64,000 32x32 images in under 30 s on 2 cores.  Prints the best of ``--re
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+
+from _timing import set_threads, times, use_checkout
 
 
 def main(argv=None):
@@ -22,12 +22,8 @@ def main(argv=None):
     ap.add_argument("--probe-n", type=int, default=4000, help="train size of the probe timings")
     args = ap.parse_args(argv)
 
-    # pin threads before numpy is imported
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-    import time
+    set_threads(args.threads)  # before numpy is imported
+    use_checkout()
 
     import numpy as np
 
@@ -35,12 +31,7 @@ def main(argv=None):
     from refssl.eval import factor_table
 
     def best_of(fn, repeats):
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        return min(times(fn, repeats, warmup=0))
 
     print(f"threads={args.threads}  numpy {np.__version__}")
     t = best_of(lambda: data.generate(args.n, np.random.default_rng(0), size=args.size), args.repeats)

@@ -18,23 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
-
-def _set_threads(n: int) -> None:
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "REFSSL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: allocations, thread pools, BLAS buffers
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+from _timing import median_ms, set_threads
 
 
 def main(argv=None) -> int:
@@ -46,7 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,float64")
     ap.add_argument("--temperature", type=float, default=0.1)
     args = ap.parse_args(argv)
-    _set_threads(args.threads)  # before numpy/torch load their thread pools
+    set_threads(args.threads)  # before numpy/torch load their thread pools
 
     import numpy as np
 
@@ -83,9 +68,9 @@ def main(argv=None) -> int:
                 u = rng.standard_normal((2 * n, d)).astype(dtype)
                 ut = np.ascontiguousarray(u.T)
                 m = rng.standard_normal((2 * n, 2 * n)).astype(dtype)
-                gram = min(_median_ms(lambda: u @ u.T, args.repeats), _median_ms(lambda: u @ ut, args.repeats))
-                floor = gram + _median_ms(lambda: m @ u, args.repeats)
-                t_ours = _median_ms(ours, args.repeats)
+                gram = min(median_ms(lambda: u @ u.T, args.repeats), median_ms(lambda: u @ ut, args.repeats))
+                floor = gram + median_ms(lambda: m @ u, args.repeats)
+                t_ours = median_ms(ours, args.repeats)
                 t_torch = float("nan")
                 if torch is not None:
                     tz1 = torch.from_numpy(z1).requires_grad_(True)
@@ -99,7 +84,7 @@ def main(argv=None) -> int:
                         logits = (uu @ uu.T / tau).masked_fill(eye, float("-inf"))
                         torch.nn.functional.cross_entropy(logits, labels).backward()
 
-                    t_torch = _median_ms(theirs, args.repeats)
+                    t_torch = median_ms(theirs, args.repeats)
                 print(f"{n:>5} {d:>4} {dtype_name:>7} | {t_ours:>9.2f} {floor:>9.2f} {t_torch:>9.2f} | "
                       f"{t_ours / floor:>6.2f} {t_ours / t_torch:>6.2f}", flush=True)
     return 0

@@ -16,23 +16,8 @@ import argparse
 import math
 import os
 import sys
-import time
 
-
-def _set_threads(n: int) -> None:
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+from _timing import median_ms, set_threads
 
 
 def main(argv=None) -> int:
@@ -40,7 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
-    _set_threads(args.threads)
+    set_threads(args.threads)
 
     import numpy as np
 
@@ -81,7 +66,7 @@ def main(argv=None) -> int:
             def ours():
                 op.backward(op.forward(q, k, queue, protos, assign, phis, **kw)[1], 1.0)
 
-            t_ours = _median_ms(ours, args.repeats)
+            t_ours = median_ms(ours, args.repeats)
             t_torch = rel_l = rel_g = float("nan")
             if torch is not None:
                 cols = [torch.from_numpy(off + np.concatenate([assign[m], neg[m]]))
@@ -103,7 +88,7 @@ def main(argv=None) -> int:
                     tq.grad = None
                     torch_loss(tq).backward()
 
-                t_torch = _median_ms(theirs, args.repeats)
+                t_torch = median_ms(theirs, args.repeats)
                 if dtype == np.float64:
                     tq.grad = None
                     lt = torch_loss(tq)
@@ -133,7 +118,7 @@ def main(argv=None) -> int:
                 gx, gy = gauss.backward(ck, icon.backward(ci, 1.0)[1])
                 return loss, gx + gy
 
-            t_ours = _median_ms(ours, args.repeats)
+            t_ours = median_ms(ours, args.repeats)
             t_torch = rel_l = rel_g = float("nan")
             if torch is not None:
                 tp = torch.from_numpy(p)
@@ -152,7 +137,7 @@ def main(argv=None) -> int:
                     tz.grad = None
                     torch_loss(tz).backward()
 
-                t_torch = _median_ms(theirs, args.repeats)
+                t_torch = median_ms(theirs, args.repeats)
                 if dtype == np.float64:
                     tz.grad = None
                     lt = torch_loss(tz)

@@ -18,23 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
-
-def _set_threads(n: int) -> None:
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+from _timing import median_ms, set_threads
 
 
 def _cases(np, rng):
@@ -129,7 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--ops", default="byol,simsiam,moco_v3,moco_queue,dino,nnclr,mean_shift")
     args = ap.parse_args(argv)
-    _set_threads(args.threads)  # before numpy/torch start their thread pools
+    set_threads(args.threads)  # before numpy/torch start their thread pools
 
     import numpy as np
 
@@ -169,14 +154,14 @@ def main(argv=None) -> int:
         def run_ours():
             op.backward(op.forward(*args32, **kw)[1], 1.0)
 
-        t_ours = _median_ms(run_ours, args.repeats)
+        t_ours = median_ms(run_ours, args.repeats)
         t_torch = float("nan")
         if torch is not None:
             def run_torch():
                 ts = [torch.tensor(a, requires_grad=(k in op.differentiable)) for k, a in enumerate(args32)]
                 torch_losses[name](*ts, **kw).backward()
 
-            t_torch = _median_ms(run_torch, args.repeats)
+            t_torch = median_ms(run_torch, args.repeats)
         print(f"{name:>10} | {err_v:13.2e} {err_g:12.2e} | {t_ours:9.2f} {t_torch:9.2f} {t_ours / t_torch:6.2f}")
     return 0
 
