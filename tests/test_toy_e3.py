@@ -53,7 +53,8 @@ def test_icon_tiny(tmp_path):
     m, summary = _run("icon", tmp_path)
     assert summary["figures"] == ["icon_alpha_sweep.png", "icon_tsne.png"]
     assert set(m["alpha_accuracy"]) == {"0.0", "0.6"}
-    for accs in m["alpha_accuracy"].values():
+    assert set(m["alpha_q_accuracy"]) == {"0.6"}
+    for accs in list(m["alpha_accuracy"].values()) + list(m["alpha_q_accuracy"].values()):
         assert _in_unit(accs)
     assert _in_unit(m["kmeans_accuracy"])
     for emb in m["tsne_knn"].values():
