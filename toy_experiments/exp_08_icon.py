@@ -113,9 +113,10 @@ def run(ctx):
     perplexity = ctx.pick(tiny=10, quick=30, full=30)
     ds = common.dataset(ctx, n_train, 64, size=IMAGE_SIZE)
     ctx.setting(encoder="MLP 768-128-32, InfoNCE on family C", encoder_steps=enc_steps, alphas=alphas,
-                alphas_q=alphas_q, seeds_per_alpha=seeds, head_epochs=head_epochs, head_batch=64, head_noise=0.1, knn_k=3,
+                alphas_q=alphas_q, seeds_per_alpha=seeds, head_epochs=head_epochs, head_batch=64, head_noise=0.1,
+                knn_k=3,
                 tsne_points=n_tsne, tsne_iters=tsne_iters, perplexity=perplexity)
-    _, feats, _ = colour_features(ctx, ds, steps=enc_steps)
+    _, feats, _ = colour_features(ctx, ds, steps=enc_steps, batch_size=ctx.pick(tiny=32, quick=128, full=128))
     x = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     colour, shape = ds.train.factors.color.astype(np.int64), ds.train.factors.shape.astype(np.int64)
     n_colours = data.N_COLORS
