@@ -44,12 +44,13 @@ def _normalize_view(z, name, normalization, eps):
         return s, ("batchnorm", s, sigma)
     # Tsai et al.'s code: F.normalize over features, then (u - mean) / std with torch's unbiased std, no eps.
     u, ucache = l2_normalize_forward(z)
-    s, sigma = standardize(u, 0.0, ddof=1)
-    if np.any(sigma == 0):
-        cols = np.flatnonzero(sigma.ravel() == 0)[:5].tolist()
-        raise ValueError(f"{name} has constant columns {cols} after L2 normalisation; "
+
+    def collapsed(cols):
+        raise ValueError(f"{name} has constant columns {cols[:5].tolist()} after L2 normalisation; "
                          "normalization='tsai' divides by the unbiased std without eps and is undefined "
                          "for collapsed inputs (use normalization='batchnorm')")
+
+    s, sigma = standardize(u, 0.0, ddof=1, on_zero=collapsed)
     return s, ("tsai", s, sigma, ucache)
 
 

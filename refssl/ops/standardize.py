@@ -16,17 +16,20 @@ from ..registry import Range, register
 DEFAULT_EPS = 1e-5  # torch.nn.BatchNorm1d default, used by the official Barlow Twins code
 
 
-def standardize(x, eps, *, ddof=0):
+def standardize(x, eps, *, ddof=0, on_zero=None):
     """(x - mean) / sqrt(var + eps) per column; returns (xhat, sigma) with sigma of shape (1, D).
 
     ``ddof=0`` is the biased variance of BatchNorm; ``ddof=1`` with ``eps=0``
-    is torch's ``(x - x.mean(0)) / x.std(0)`` (the caller must rule out
-    constant columns, which would divide by zero).
+    is torch's ``(x - x.mean(0)) / x.std(0)``.  With ``eps=0`` a constant
+    column has sigma = 0: ``on_zero(columns)`` is called before any division
+    (it should raise).
     """
     n = x.shape[0]
     xc = x - np.mean(x, axis=0, keepdims=True)
     var = np.einsum("nd,nd->d", xc, xc)[None, :] / x.dtype.type(n - ddof)
     sigma = np.sqrt(var + x.dtype.type(eps))
+    if eps == 0 and on_zero is not None and np.any(sigma == 0):
+        on_zero(np.flatnonzero(sigma.ravel() == 0))
     xc /= sigma  # xc is a fresh array: dividing in place saves an (N, D) temporary
     return xc, sigma
 
