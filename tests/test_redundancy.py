@@ -389,6 +389,12 @@ def test_fully_collapsed_inputs():
     y = np.random.default_rng(0).standard_normal((n, 2))
     assert _finite_forward_backward("hsic", (const, y), {})[0] == 0
     assert abs(_finite_forward_backward("hsic", (const, y), {"kernel": "gaussian", "sigma": 1.0})[0]) < 1e-15
+    # median bandwidth with a zero-length lower middle pair (rows 0-2 coincide; 3 of 6 distances are 0):
+    # sigma = half the 4th distance, finite; the zero pair gets the subgradient 0
+    x = np.random.default_rng(1).standard_normal((4, 2))
+    x[1] = x[2] = x[0]
+    val, (gx, gy) = _finite_forward_backward("hsic", (x, y[:4]), {"kernel": "gaussian"})
+    np.testing.assert_allclose(val, ref_hsic(x, y[:4], "gaussian"), rtol=1e-10)
     # Gaussian IB: both covariances are eps I, the collapsed value D log(eps) / beta
     np.testing.assert_allclose(_finite_forward_backward("gaussian_ib", (const, const), {"beta": 0.5})[0],
                                d * math.log(1e-4) / 0.5, rtol=1e-12)

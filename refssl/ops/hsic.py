@@ -70,7 +70,10 @@ def _kernel_backward(kc_cache, gk):
         # bandwidth from the median heuristic: dK_ij/ds = K_ij D2_ij / s^3, s = mean of the median pair norms
         gs = float(np.vdot(w, d2)) / s**3
         a, b, diffs, norms = pairs
-        contrib = diffs * (gs / len(a) / norms)[:, None].astype(dt)
+        # d||v||/dv = v/||v||; a zero-length middle pair (coincident rows) gets the subgradient 0
+        scale = np.zeros_like(norms)
+        np.divide(gs / len(a), norms, out=scale, where=norms > 0)
+        contrib = diffs * scale[:, None].astype(dt)
         np.add.at(gx, a, contrib)
         np.add.at(gx, b, -contrib)
     return gx
