@@ -8,7 +8,9 @@ the refssl times are printed.  The torch side is the official formula
 (facebookresearch/barlowtwins main.py): affine-free batch norm of each view,
 C = z1n^T z2n / N, on-diagonal (C_ii - 1)^2 plus lambd * off-diagonal C_ij^2,
 then ``loss.backward()``.  The table reports median times and their ratio
-(refssl / torch; < 1 means refssl is faster).  Timing: best of 3 rounds of
+(refssl / torch; < 1 means refssl is faster).  refssl uses N x N Gram matrices
+when N < D (derivations/ib_connection.md, BT2/BT3); the "DxD path" column forces the D x D
+cross-correlation path for comparison.  Timing: best of 3 rounds of
 the median of ``--repeats`` calls, each op in its own block after 5 warm-up calls.
 """
 
@@ -38,6 +40,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from refssl import registry  # noqa: E402
+from refssl.ops import redundancy  # noqa: E402
 
 try:
     import torch
@@ -68,10 +71,18 @@ def _median_times(fns, repeats, warmup=5, rounds=3):
     return best
 
 
-def _refssl_step(op, z1, z2):
+def _refssl_step(op, z1, z2, gram=None):
+    """refssl forward + backward; ``gram`` forces the N x N Gram path (True) or the D x D path (False)."""
+    choose = redundancy._use_gram
+
     def step():
-        loss, cache = op.forward(z1, z2, lambd=LAMBD)
-        return loss, op.backward(cache, 1.0)
+        if gram is not None:
+            redundancy._use_gram = lambda n, d: gram
+        try:
+            loss, cache = op.forward(z1, z2, lambd=LAMBD)
+            return loss, op.backward(cache, 1.0)
+        finally:
+            redundancy._use_gram = choose
     return step
 
 
@@ -109,12 +120,13 @@ def main():
         z1 = base + 0.5 * rng.standard_normal((ARGS.n, d)).astype(np.float32)
         z2 = base + 0.5 * rng.standard_normal((ARGS.n, d)).astype(np.float32)
         ours = _refssl_step(op, z1, z2)
+        cross = _refssl_step(op, z1, z2, gram=False)
         if torch is None:
-            (t_ours,) = _median_times([ours], ARGS.repeats)
+            t_ours, t_cross = _median_times([ours, cross], ARGS.repeats)
         else:
             theirs = _torch_step(z1, z2)
-            t_ours, t_torch = _median_times([ours, theirs], ARGS.repeats)
-        row = {"N": ARGS.n, "D": d, "refssl_ms": 1e3 * t_ours}
+            t_ours, t_cross, t_torch = _median_times([ours, cross, theirs], ARGS.repeats)
+        row = {"N": ARGS.n, "D": d, "refssl_ms": 1e3 * t_ours, "cross_ms": 1e3 * t_cross}
         if torch is not None:
             l0, (g1, g2) = ours()
             l1, t1, t2 = theirs()
@@ -127,15 +139,19 @@ def main():
     print(f"barlow_twins forward+backward, float32, {ARGS.threads} threads, best of 3 rounds of the median of {ARGS.repeats}")
     if torch is None:
         print("torch not installed: refssl times only")
-        print(f"{'N':>5} {'D':>6} {'refssl ms':>10}")
+        print(f"{'N':>5} {'D':>6} {'refssl ms':>10} {'DxD path ms':>12}")
         for r in rows:
-            print(f"{r['N']:>5} {r['D']:>6} {r['refssl_ms']:>10.2f}")
+            print(f"{r['N']:>5} {r['D']:>6} {r['refssl_ms']:>10.2f} {r['cross_ms']:>12.2f}")
         return
     print(f"torch {torch.__version__}")
-    print(f"{'N':>5} {'D':>6} {'refssl ms':>10} {'torch ms':>9} {'ratio':>6} {'loss rel diff':>14} {'grad rel diff':>14}")
+    print(f"{'N':>5} {'D':>6} {'refssl ms':>10} {'torch ms':>9} {'ratio':>6} {'DxD path ms':>12} "
+          f"{'DxD ratio':>9} {'loss rel diff':>14} {'grad rel diff':>14}")
     for r in rows:
         print(f"{r['N']:>5} {r['D']:>6} {r['refssl_ms']:>10.2f} {r['torch_ms']:>9.2f} {r['ratio']:>6.2f} "
+              f"{r['cross_ms']:>12.2f} {r['cross_ms'] / r['torch_ms']:>9.2f} "
               f"{r['loss_rel']:>14.2e} {r['grad_rel']:>14.2e}")
+    print("ratio = refssl / torch (refssl picks the N x N Gram path when N < D); "
+          "DxD path = refssl forced to form the D x D cross-correlation like torch")
 
 
 if __name__ == "__main__":
