@@ -88,7 +88,8 @@ def _bt_forward(z1, z2, lambd, target, normalization, eps):
         mats = ("cross", cm)
     off = off_sq
     if target != 0:
-        # sum_{i != j} C_ij = (s1 1)^T (s2 1) / N - tr C
+        # sum_{i != j} (C_ij - t)^2 = off_sq - 2 t sum_{i != j} C_ij + t^2 D (D - 1),
+        # sum_{i != j} C_ij = (s1 1)^T (s2 1) / N - tr C with row sums r_k = s_k 1
         r1, r2 = s1.sum(axis=1), s2.sum(axis=1)
         off_sum = np.dot(r1, r2) / dt(n) - c.sum()
         off = off_sq - 2 * target * off_sum + target * target * d * (d - 1)
@@ -115,6 +116,11 @@ def _bt_backward(cache, grad_out):
         g2 = k1 @ s2
         g2 *= f
         g2 += s1 * w
+        if target != 0:
+            r1, r2 = mats[3], mats[4]
+            t = dt(2 * lambd * target * go / n)
+            g1 -= t * r2[:, None]
+            g2 -= t * r1[:, None]
     else:
         cm = mats[1]
         gm = cm * dt(2 * lambd * go / n)
@@ -123,12 +129,6 @@ def _bt_backward(cache, grad_out):
         np.fill_diagonal(gm, 2 * (c - 1) * dt(go / n))
         g1 = s2 @ gm.T
         g2 = s1 @ gm
-    if target != 0:
-        r1, r2 = mats[-2], mats[-1]
-        t = dt(2 * lambd * target * go / n)
-        if mats[0] == "gram":  # the cross path already has the constant in gm
-            g1 -= t * r2[:, None]
-            g2 -= t * r1[:, None]
     return _normalize_view_backward(nc1, g1), _normalize_view_backward(nc2, g2)
 
 
