@@ -54,12 +54,12 @@ def _normalize_view(z, name, normalization, eps):
     return s, ("tsai", s, sigma, ucache)
 
 
-def _normalize_view_backward(cache, g):
+def _normalize_view_backward(cache, g, work=None):
     if cache[0] == "batchnorm":
         _, s, sigma = cache
-        return standardize_backward(s, sigma, g)
+        return standardize_backward(s, sigma, g, work=work)
     _, s, sigma, ucache = cache
-    gu = standardize_backward(s, sigma, g, ddof=1)
+    gu = standardize_backward(s, sigma, g, ddof=1, work=work)
     return l2_normalize_backward(ucache, gu)[0]
 
 
@@ -110,12 +110,13 @@ def _bt_backward(cache, grad_out):
         # s2 G^T = 2 lambd K2 s1 / N - 2 lambd t (s2 1) 1^T + s2 diag(w), w = 2(c - 1) - 2 lambd (c - t)
         w = (2 * (c - 1) - 2 * lambd * (c - target)) * dt(go / n)
         f = dt(2 * lambd * go / (n * n))
-        g1 = k2 @ s1
-        g1 *= f
-        g1 += s2 * w
-        g2 = k1 @ s2
-        g2 *= f
-        g2 += s1 * w
+        # scale the N x N factor rather than the N x D product (fewer flops for N < D); one scratch
+        # buffer serves every elementwise product below
+        g1 = (k2 * f) @ s1
+        work = np.multiply(s2, w)
+        g1 += work
+        g2 = (k1 * f) @ s2
+        g2 += np.multiply(s1, w, out=work)
         if target != 0:
             r1, r2 = mats[3], mats[4]
             t = dt(2 * lambd * target * go / n)
@@ -129,7 +130,8 @@ def _bt_backward(cache, grad_out):
         np.fill_diagonal(gm, 2 * (c - 1) * dt(go / n))
         g1 = s2 @ gm.T
         g2 = s1 @ gm
-    return _normalize_view_backward(nc1, g1), _normalize_view_backward(nc2, g2)
+        work = None
+    return _normalize_view_backward(nc1, g1, work), _normalize_view_backward(nc2, g2, work)
 
 
 def barlow_twins_forward(z1, z2, *, lambd=0.0051, eps=DEFAULT_EPS):

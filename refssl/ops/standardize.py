@@ -34,17 +34,20 @@ def standardize(x, eps, *, ddof=0, on_zero=None):
     return xc, sigma
 
 
-def standardize_backward(xhat, sigma, g, *, ddof=0):
+def standardize_backward(xhat, sigma, g, *, ddof=0, work=None):
     """Backward of :func:`standardize`: (g - mean(g) - xhat * sum(g*xhat)/(N - ddof)) / sigma.
 
-    Exact for any eps (derivations/ib_connection.md#batch_standardize); ``g``
-    is consumed (overwritten) to avoid temporaries, pass a copy if it is needed.
+    Exact for any eps (derivations/ib_connection.md#batch_standardize).  ``g``
+    is consumed (overwritten) and returned; ``work`` is an optional scratch
+    array of g's shape and dtype.  Fresh (N, D) buffers cost page faults that
+    are a visible share of the run time at N = 256, D = 2048.
     """
     n = xhat.shape[0]
     proj = np.einsum("nd,nd->d", g, xhat) / g.dtype.type(n - ddof)
+    proj /= sigma.ravel()
     g -= np.mean(g, axis=0, keepdims=True)
-    g -= xhat * proj
     g /= sigma
+    g -= np.multiply(xhat, proj, out=work)
     return g
 
 
