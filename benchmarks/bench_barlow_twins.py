@@ -1,6 +1,6 @@
 """Forward + backward time of ``barlow_twins`` against torch CPU autograd of the same formula.
 
-    python benchmarks/bench_barlow_twins.py [--threads 2] [--repeats 30]
+    python benchmarks/bench_barlow_twins.py [--threads 2] [--repeats 30] [--rounds 5]
 
 Both sides run in float32 on the same inputs with the same number of threads
 (set before numpy / torch are imported).  torch is optional: without it only
@@ -10,8 +10,8 @@ C = z1n^T z2n / N, on-diagonal (C_ii - 1)^2 plus lambd * off-diagonal C_ij^2,
 then ``loss.backward()``.  The table reports median times and their ratio
 (refssl / torch; < 1 means refssl is faster).  refssl uses N x N Gram matrices
 when N < D (derivations/ib_connection.md, BT2/BT3); the "DxD path" column forces the D x D
-cross-correlation path for comparison.  Timing: best of 3 rounds of
-the median of ``--repeats`` calls, each op in its own block after 5 warm-up calls.
+cross-correlation path for comparison.  Timing: best of ``--rounds`` (5)
+rounds of the median of ``--repeats`` (30) calls, each op in its own block after 5 warm-up calls.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def _parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--dims", type=int, nargs="+", default=[512, 2048])
     return p.parse_args()
@@ -50,7 +51,7 @@ except ImportError:  # the comparison is optional
 LAMBD = 0.0051
 
 
-def _median_times(fns, repeats, warmup=5, rounds=3):
+def _median_times(fns, repeats, warmup=5, rounds=5):
     """Per function: the best over ``rounds`` of the median of ``repeats`` timed calls.
 
     Each function runs in its own block after ``warmup`` untimed calls: interleaving single calls of
@@ -122,10 +123,10 @@ def main():
         ours = _refssl_step(op, z1, z2)
         cross = _refssl_step(op, z1, z2, gram=False)
         if torch is None:
-            t_ours, t_cross = _median_times([ours, cross], ARGS.repeats)
+            t_ours, t_cross = _median_times([ours, cross], ARGS.repeats, rounds=ARGS.rounds)
         else:
             theirs = _torch_step(z1, z2)
-            t_ours, t_cross, t_torch = _median_times([ours, cross, theirs], ARGS.repeats)
+            t_ours, t_cross, t_torch = _median_times([ours, cross, theirs], ARGS.repeats, rounds=ARGS.rounds)
         row = {"N": ARGS.n, "D": d, "refssl_ms": 1e3 * t_ours, "cross_ms": 1e3 * t_cross}
         if torch is not None:
             l0, (g1, g2) = ours()
@@ -136,7 +137,7 @@ def main():
                                     float(np.abs(g2 - t2.numpy()).max() / np.abs(t2.numpy()).max())))
         rows.append(row)
 
-    print(f"barlow_twins forward+backward, float32, {ARGS.threads} threads, best of 3 rounds of the median of {ARGS.repeats}")
+    print(f"barlow_twins forward+backward, float32, {ARGS.threads} threads, best of {ARGS.rounds} rounds of the median of {ARGS.repeats}")
     if torch is None:
         print("torch not installed: refssl times only")
         print(f"{'N':>5} {'D':>6} {'refssl ms':>10} {'DxD path ms':>12}")
