@@ -329,7 +329,7 @@ def test_barlow_is_invariant_to_per_dimension_affine_maps(name, seed):
         np.testing.assert_allclose(op(w1, w2), base, rtol=2e-3)
         # with a negligible eps the invariance is exact to rounding
         np.testing.assert_allclose(op(w1, w2, eps=1e-14), op(z1, z2, eps=1e-14), rtol=1e-8)
-    # the concatenated-batch-norm pitfall: L(x, x) = L(x, 2x + 4) (lightly PR #1806)
+    # normalising the concatenated views (a known porting bug) would break L(x, x) = L(x, 2x + 4)
     np.testing.assert_allclose(op(z1, z1, eps=1e-14), op(z1, 2 * z1 + 4, eps=1e-14), rtol=1e-9)
 
 
