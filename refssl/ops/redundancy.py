@@ -55,11 +55,13 @@ def _normalize_view(z, name, normalization, eps):
 
 
 def _normalize_view_backward(cache, g, work=None):
+    # g = dL/ds_1 is s_2 G^T / N (plus a multiple of s_2 1 1^T): its columns have zero mean because the
+    # columns of s_2 do, so the mean-subtraction pass of the standardisation backward is skipped.
     if cache[0] == "batchnorm":
         _, s, sigma = cache
-        return standardize_backward(s, sigma, g, work=work)
+        return standardize_backward(s, sigma, g, work=work, centered=True)
     _, s, sigma, ucache = cache
-    gu = standardize_backward(s, sigma, g, ddof=1, work=work)
+    gu = standardize_backward(s, sigma, g, ddof=1, work=work, centered=True)
     return l2_normalize_backward(ucache, gu)[0]
 
 
