@@ -137,7 +137,8 @@ def main():
                                     float(np.abs(g2 - t2.numpy()).max() / np.abs(t2.numpy()).max())))
         rows.append(row)
 
-    print(f"barlow_twins forward+backward, float32, {ARGS.threads} threads, best of {ARGS.rounds} rounds of the median of {ARGS.repeats}")
+    print(f"barlow_twins forward+backward, float32, {ARGS.threads} threads, "
+          f"best of {ARGS.rounds} rounds of the median of {ARGS.repeats}")
     if torch is None:
         print("torch not installed: refssl times only")
         print(f"{'N':>5} {'D':>6} {'refssl ms':>10} {'DxD path ms':>12}")
