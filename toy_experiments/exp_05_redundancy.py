@@ -85,21 +85,24 @@ def run(ctx):
 
     vic = metrics["vicreg"]
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
-    for loss, mk in (("barlow_twins", "o-"), ("barlow_twins_hsic", "s--")):
-        axes[0].plot(lambdas, curve(loss, "rank_projector"), mk, label=f"{loss} (projector)")
-        axes[0].plot(lambdas, curve(loss, "rank_encoder"), mk, alpha=0.45, label=f"{loss} (encoder)")
-        axes[1].plot(lambdas, curve(loss, "linear_mean"), mk, label=loss)
-    axes[0].axhline(vic["rank_projector"], color="C2", ls=":", label="vicreg (projector)")
-    axes[0].axhline(vic["rank_encoder"], color="C2", ls="-.", alpha=0.5, label="vicreg (encoder)")
-    axes[1].axhline(vic["linear_mean"], color="C2", ls=":", label="vicreg")
+    for loss, mk, col in (("barlow_twins", "o", "C0"), ("barlow_twins_hsic", "s", "C1")):
+        axes[0].plot(lambdas, curve(loss, "rank_projector"), mk + "-", color=col, label=f"{loss} (projector)")
+        axes[0].plot(lambdas, curve(loss, "rank_encoder"), mk + ":", color=col, alpha=0.6,
+                     label=f"{loss} (encoder)")
+        axes[1].plot(lambdas, curve(loss, "linear_mean"), mk + "-", color=col, label=f"{loss}: shape/position/size")
+        axes[1].plot(lambdas, curve(loss, "linear_color"), mk + ":", color=col, alpha=0.6, label=f"{loss}: colour")
+    axes[0].axhline(vic["rank_projector"], color="C2", ls="--", label="vicreg (projector)")
+    axes[0].axhline(vic["rank_encoder"], color="C2", ls=":", alpha=0.6, label="vicreg (encoder)")
+    axes[1].axhline(vic["linear_mean"], color="C2", ls="--", label="vicreg: shape/position/size")
+    axes[1].axhline(vic["linear_color"], color="C2", ls=":", alpha=0.6, label="vicreg: colour")
     axes[0].set_ylabel("effective rank (held-out)")
-    axes[1].set_ylabel("mean linear probe acc.\n(shape, position, size; val)")
+    axes[1].set_ylabel("linear probe accuracy (val)")
     axes[1].set_ylim(0, 1)
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("off-diagonal weight λ")
         ax.axvline(1.0 / proj_dim, color="gray", lw=0.8)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5)
     fig.suptitle(f"{FAMILY} views, {steps} steps (grey line: λ = 1/D)")
     fig.tight_layout()
     f1 = ctx.save_figure(fig, "lambda_sweep.png")
@@ -120,7 +123,9 @@ def run(ctx):
                f"mean probe {bt['linear_mean']:.3f} vs {hs['linear_mean']:.3f}, rank {bt['rank_projector']:.1f} vs "
                f"{hs['rank_projector']:.1f}; BT rank at lambda {lo:.4g} -> {hi:.4g}: {bt_lo['rank_projector']:.1f} -> "
                f"{bt_hi['rank_projector']:.1f}; VICReg rank {vic['rank_projector']:.1f}, mean probe "
-               f"{vic['linear_mean']:.3f}. Checks: "
+               f"{vic['linear_mean']:.3f}. Not judged: the colour probe (the factor the views change; lower = more "
+               f"invariant) is {bt_lo['linear_color']:.2f} / {bt['linear_color']:.2f} / {bt_hi['linear_color']:.2f} for BT "
+               f"at lambda {lo:.4g} / {ref:.4g} / {hi:.4g} and {vic['linear_color']:.2f} for VICReg. Checks: "
                + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items()) + ".")
     notes = ("Effective rank: exp of the entropy of the normalised singular values of 256 held-out embeddings "
              "(uncentred; 1 = collapsed). Probes are validation accuracies on the encoder output; the views differ "
