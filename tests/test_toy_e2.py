@@ -62,3 +62,31 @@ def test_collapse_tiny(tmp_path):
     # SimSiam's loss is a mean negative cosine: in [-1, 1].
     assert all(-1.0 - 1e-6 <= runs[k]["final_loss"] <= 1.0 for k in runs if k.startswith("SimSiam"))
     assert 0.0 < runs["DINO with centering"]["top_prototype_share"] <= 1.0
+
+
+def test_collapse_cosine_gradient_reaches_both_inputs():
+    """The no-stop-gradient SimSiam arm needs d(-mean cos(p, z))/dz too: central differences, float64."""
+    import numpy as np
+
+    from toy_experiments.exp_06_collapse import _cosine_terms
+
+    rng = np.random.default_rng(0)
+    p, z = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
+    loss, dp, dz = _cosine_terms(p, z)
+    pn = p / np.linalg.norm(p, axis=1, keepdims=True)
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    assert abs(loss + np.mean(np.sum(pn * zn, axis=1))) < 1e-12
+
+    def numeric(which):
+        g, h = np.zeros((5, 4)), 1e-6
+        for i in range(5):
+            for j in range(4):
+                a, b = p.copy(), z.copy()
+                (a if which == "p" else b)[i, j] += h
+                up = _cosine_terms(a, b)[0]
+                (a if which == "p" else b)[i, j] -= 2 * h
+                g[i, j] = (up - _cosine_terms(a, b)[0]) / (2 * h)
+        return g
+
+    np.testing.assert_allclose(dp, numeric("p"), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(dz, numeric("z"), rtol=1e-6, atol=1e-9)
