@@ -1,6 +1,7 @@
 """Experiment 4: the InfoNCE temperature, and the logit-scaling shortcut of unnormalised embeddings.
 
-An MLP encoder is trained with ``info_nce`` on crop + colour-jitter view pairs at several temperatures.
+An MLP encoder is trained with ``info_nce`` at several temperatures on view pairs of family A (the second view
+re-renders the instance in another colour class; shape, position, size and rotation are shared).
 On held-out view pairs we measure the alignment and uniformity metrics of Wang & Isola (arXiv 2005.10242,
 on L2-normalised embeddings) and the factor probes.  derivations/temperature_limit.md predicts the trend:
 a small tau concentrates the push on the hardest negatives and (T19-T20) turns the loss into a
