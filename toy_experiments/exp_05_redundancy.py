@@ -111,7 +111,8 @@ def run(ctx):
     ref = 1.0 / proj_dim if 1.0 / proj_dim in lambdas else lambdas[len(lambdas) // 2]
     bt, hs = metrics[f"barlow_twins lambda={ref:.4g}"], metrics[f"barlow_twins_hsic lambda={ref:.4g}"]
     bt_lo, bt_hi = metrics[f"barlow_twins lambda={lo:.4g}"], metrics[f"barlow_twins lambda={hi:.4g}"]
-    min_rank = min(m["rank_projector"] for m in metrics.values())
+    lowest = min(metrics, key=lambda k: metrics[k]["rank_projector"])
+    min_rank = metrics[lowest]["rank_projector"]
     checks = {
         "no_collapse": min_rank > 3,
         "hsic_matches_bt": abs(bt["linear_mean"] - hs["linear_mean"]) < 0.05
@@ -119,7 +120,7 @@ def run(ctx):
         "lambda_controls_rank": bt_hi["rank_projector"] > 1.5 * bt_lo["rank_projector"],
     }
     met = all(checks.values()) if ctx.level != "tiny" else None
-    verdict = (f"Smallest projector effective rank over all runs {min_rank:.1f}; at lambda = {ref:.4g} BT vs HSIC: "
+    verdict = (f"Smallest projector effective rank over all runs {min_rank:.1f} ({lowest}); at lambda = {ref:.4g} BT vs HSIC: "
                f"mean probe {bt['linear_mean']:.3f} vs {hs['linear_mean']:.3f}, rank {bt['rank_projector']:.1f} vs "
                f"{hs['rank_projector']:.1f}; BT rank at lambda {lo:.4g} -> {hi:.4g}: {bt_lo['rank_projector']:.1f} -> "
                f"{bt_hi['rank_projector']:.1f}; VICReg rank {vic['rank_projector']:.1f}, mean probe "
