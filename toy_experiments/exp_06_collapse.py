@@ -324,4 +324,6 @@ def run(ctx):
                          "embedding (uncentred), 1 for a constant embedding. Probes (validation accuracy) use the "
                          "encoder output; colour is removed by the colour jitter of the views. For DINO the rank is "
                          "that of the teacher's softmax output (centred with the final center), the quantity that "
-                         "collapses to one-hot; the rank of its raw logits is in metrics.json.")
+                         "collapses to one-hot; the rank of its raw logits is in metrics.json. The collapse is measured at "
+                         "the loss input (projector / head output); the encoder output below it keeps more rank and "
+                         "the probes change little in these short runs.")
