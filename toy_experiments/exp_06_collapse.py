@@ -219,7 +219,7 @@ def run(ctx):
     size = 16
     n_train = ctx.pick(tiny=300, quick=1000, full=4000)
     n_val = ctx.pick(tiny=128, quick=400, full=1000)
-    steps = ctx.pick(tiny=2, quick=400, full=1000)
+    steps = ctx.pick(tiny=2, quick=350, full=1000)
     batch = ctx.pick(tiny=32, quick=128, full=256)
     hidden, dim, k_out, lr, momentum = 128, 32, 32, 3e-3, 0.95
     every = max(1, steps // 12)
