@@ -46,15 +46,15 @@ def _bar_figure(ctx, results, filename):
     width = 0.8 / len(results)
     x = np.arange(len(factors))
     for i, (fam, res) in enumerate(results.items()):
-        ax.bar(x + (i - (len(results) - 1) / 2) * width, [res[f]["linear_val"] for f in factors], width,
+        ax.bar(x + (i - (len(results) - 1) / 2) * width, [_best(res[f]) for f in factors], width,
                label=f"{fam} (changes {FAMILY_CHANGES[fam]})")
     chance = [next(iter(results.values()))[f]["chance"] for f in factors]
     ax.scatter(x, chance, marker="_", s=900, color="k", label="chance", zorder=3)
     ax.set_xticks(x, factors)
-    ax.set_ylabel("linear probe accuracy (val)")
+    ax.set_ylabel("accuracy (val), best of\nlinear probe and 1-NN")
     ax.set_ylim(0, 1)
     ax.set_title("What each augmentation family's encoder keeps", fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ctx.save_figure(fig, filename)
 
 

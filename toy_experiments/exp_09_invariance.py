@@ -41,7 +41,7 @@ def _bar_figure(ctx, scores, ks, filename):
         ax.set_title(f"Invariance, top-{k} units", fontsize=10)
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("mean top-k local firing rate (%)")
-    axes[-1].legend(fontsize=7, loc="upper right")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return ctx.save_figure(fig, filename)
 
