@@ -123,7 +123,11 @@ def run(ctx):
              "Under this per-unit measure a pixel is an 'object here' detector: colour-invariant by "
              "construction, fairly shape-invariant (the three shapes of one size overlap), and not "
              "position-invariant. BRIEF bits are 0/1 with ties at the threshold, where the measure's global "
-             "firing rate is not 1/3 (see refssl.eval.invariance); compare them with care.\n\nCriteria: "
+             "firing rate is not 1/3 (see refssl.eval.invariance); compare them with care. The first quick run "
+             "used instance ids as targets (|Y| = 200, 95th-percentile thresholds); there the top units of each "
+             "instance are the pixels at its own centre, which made pixels look invariant to everything "
+             "(top-10 colour/shape/position 62/90/59), so the shape classes, the paper's choice when classes "
+             "exist, are the targets.\n\nCriteria: "
              + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items()) + ".")
     return Outcome(metrics={"scores": scores, "top10": s, "checks": checks}, table=table, met=met,
                    verdict=verdict, figures=[fig], notes=notes)
