@@ -1,0 +1,218 @@
+"""Experiment 3: the book's 2-D embedding on the circle S^1 (Torralba, Isola & Freeman, ch. 30).
+
+An encoder maps each image to R^2, the output is L2-normalised onto the unit circle, and the two views
+of each image are trained with the alignment + uniformity objective of Wang & Isola (arXiv 2005.10242):
+
+    L = L_align(u_1, u_2) + lam * (L_unif(u_1) + L_unif(u_2)) / 2,    u_v = z_v / ||z_v||,
+
+(the combination of the official SsnL/align_uniform example).  With crop-only views colour survives the
+augmentation and is the easy cue, so the 8 colour classes should spread around the circle; adding a
+random hue (plus brightness and saturation) jitter makes colour useless and shape should be coded
+instead, as 3 clusters.  Uniformity spreads the clusters roughly evenly (its large-t limit is the Tammes
+problem, whose optimum on S^1 is the regular K-gon; canonical definitions D6, D8).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refssl import data, registry
+from refssl import eval as ev
+
+from . import common
+from .framework import Outcome, experiment, markdown_table
+
+__all__ = ["run", "AlignUniformLoss", "circle_stats"]
+
+
+class AlignUniformLoss:
+    """Op-like loss on raw encoder outputs: l2_normalize each view, then alignment + lam * mean uniformity.
+
+    ``forward(z1, z2, *, lam=1.0, t=2.0, alpha=2) -> (loss, cache)`` and ``backward(cache, g) -> (dz1,
+    dz2)``; the gradient is the chain of the registered ops' backward passes (the normalisation projects
+    the sphere gradient onto the tangent space).
+    """
+
+    def __init__(self):
+        self.norm = registry.get("l2_normalize")
+        self.align = registry.get("alignment")
+        self.unif = registry.get("uniformity")
+
+    def __str__(self):
+        return "align_uniform"
+
+    def forward(self, z1, z2, *, lam=1.0, t=2.0, alpha=2):
+        u1, cn1 = self.norm.forward(z1)
+        u2, cn2 = self.norm.forward(z2)
+        la, ca = self.align.forward(u1, u2, alpha=alpha)
+        lu1, cu1 = self.unif.forward(u1, t=t)
+        lu2, cu2 = self.unif.forward(u2, t=t)
+        loss = la + z1.dtype.type(lam) * (lu1 + lu2) / 2
+        return z1.dtype.type(loss), (cn1, cn2, ca, cu1, cu2, float(lam))
+
+    def backward(self, cache, grad_out):
+        cn1, cn2, ca, cu1, cu2, lam = cache
+        g = float(grad_out)
+        du1, du2 = self.align.backward(ca, g)
+        du1 = du1 + self.unif.backward(cu1, g * lam / 2)[0]
+        du2 = du2 + self.unif.backward(cu2, g * lam / 2)[0]
+        return self.norm.backward(cn1, du1)[0], self.norm.backward(cn2, du2)[0]
+
+
+def _unit(z):
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def circle_stats(theta, labels, n_classes):
+    """Per-class circular statistics of angles ``theta`` (N,) with class ``labels``.
+
+    Returns a dict: ``concentration`` (K,) the mean resultant length R_k = |mean_k e^{i theta}| (1: a
+    point mass, 0: spread evenly), ``mean_angle`` (K,), ``min_gap`` / ``max_gap`` the smallest / largest
+    angular gap between consecutive class means around the circle, ``gap_ratio`` = min_gap / (2 pi / K)
+    (1 for the regular K-gon), and ``overall_R`` of all points (near 0 when the classes cover the circle).
+    """
+    e = np.exp(1j * theta)
+    present = [k for k in range(n_classes) if np.any(labels == k)]
+    means = np.array([e[labels == k].mean() for k in present])
+    conc = np.abs(means)
+    ang = np.angle(means)
+    srt = np.sort(np.mod(ang, 2 * np.pi))
+    gaps = np.diff(np.concatenate([srt, srt[:1] + 2 * np.pi])) if len(srt) > 1 else np.array([2 * np.pi])
+    return {"concentration": conc, "mean_concentration": float(conc.mean()), "mean_angle": ang,
+            "min_gap": float(gaps.min()), "max_gap": float(gaps.max()),
+            "gap_ratio": float(gaps.min() / (2 * np.pi / len(present))), "overall_R": float(np.abs(e.mean()))}
+
+
+def _angle_figure(ctx, runs, factors, filename):
+    import matplotlib.pyplot as plt
+    from refssl.data.shapes import CLASS_HUES
+    from refssl.data.color import hsv_to_rgb
+
+    class_rgb = hsv_to_rgb(np.stack([CLASS_HUES, np.full(8, 0.8), np.full(8, 0.85)], axis=1))
+    shape_rgb = np.array([[0.1, 0.1, 0.1], [0.2, 0.5, 0.9], [0.9, 0.4, 0.1]])
+    rng = np.random.default_rng(0)
+    fig, axes = plt.subplots(len(runs), 2, figsize=(6.6, 3.3 * len(runs)))
+    axes = np.atleast_2d(axes)
+    for r, (fam, theta) in enumerate(runs.items()):
+        # a small radial jitter shows the density of points at each angle
+        rad = 1.0 + 0.12 * rng.random(len(theta))
+        for c, (by, labels, cols, names) in enumerate((
+                ("colour class", factors.color, class_rgb, data.COLOR_NAMES),
+                ("shape", factors.shape, shape_rgb, data.SHAPES))):
+            ax = axes[r, c]
+            ax.plot(np.cos(np.linspace(0, 2 * np.pi, 200)), np.sin(np.linspace(0, 2 * np.pi, 200)), lw=0.5,
+                    color="0.7")
+            for k, name in enumerate(names):
+                m = labels == k
+                ax.scatter(rad[m] * np.cos(theta[m]), rad[m] * np.sin(theta[m]), s=6, color=cols[k],
+                           alpha=0.6, label=name, marker=("o", "s", "^")[k] if by == "shape" else "o")
+            ax.set_aspect("equal")
+            ax.set_xlim(-1.3, 1.3)
+            ax.set_ylim(-1.3, 1.3)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{fam}: coloured by {by}", fontsize=9)
+            if r == 0:
+                ax.legend(fontsize=6, loc="center", markerscale=2, frameon=False)
+    fig.tight_layout()
+    return ctx.save_figure(fig, filename)
+
+
+@experiment(
+    "circle_embedding", order=3,
+    title="2-D embedding on the circle: crops code colour, crops + colour jitter code shape",
+    question="With an encoder into S^1 trained by alignment + uniformity, which factor do crop-only views "
+             "and crop + colour-jitter views organise the circle by, and are the classes spread evenly?",
+    expected="(book ch. 30) crop_only: colour is coded -- colour accuracy from the angle (best of linear and "
+             "5-NN probes, val) >= 60 % and at least 20 points above shape's, colour classes concentrated "
+             "(mean resultant length R >= 0.7) and spread (smallest gap between class means >= 0.5 x 2 pi/8). "
+             "crop_color_jitter: shape is coded instead -- shape accuracy >= 50 % (chance 33 %) and above "
+             "colour's above-chance share, i.e. (shape - chance) / (1 - chance) > (colour - chance) / "
+             "(1 - chance), and shape means spread (smallest gap >= 0.5 x 2 pi/3).",
+)
+def run(ctx):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    size = 16  # MLP steps at 32 px cost ~3x more; the full level buys more steps instead
+    n_train = ctx.pick(tiny=256, quick=2000, full=6000)
+    n_val = ctx.pick(tiny=128, quick=500, full=1500)
+    steps = ctx.pick(tiny=2, quick=800, full=2000)
+    batch = ctx.pick(tiny=64, quick=256, full=256)
+    lr = 1e-3
+    lam, t = 1.0, 2.0
+    ctx.setting(loss="alignment + lam * uniformity on l2_normalize(z), z in R^2", lam=lam, t=t, steps=steps,
+                batch_size=batch, lr=lr, encoder=f"MLP {3 * size * size}-256-2 (no norm)")
+    ds = common.dataset(ctx, n_train, n_val, size=size)
+    loss = AlignUniformLoss()
+
+    thetas, probes, stats = {}, {}, {}
+    for i, fam in enumerate(("crop_only", "crop_color_jitter")):
+        # no batch norm: with BN before the 2-d output the colour circle often folds (classes overlap)
+        pairs = data.view_pair_stream(fam, ds.train.factors, np.random.default_rng(ctx.seed * 1000 + 31 + i),
+                                      batch_size=batch, images=ds.train.images, size=size)
+        tr = common.train_pairs(ctx, pairs, encoder=common.mlp_encoder(size, 256, 2, norm=None), loss=loss,
+                                steps=steps, lr=lr, loss_kwargs={"lam": lam, "t": t}, seed_offset=i,
+                                label=f"align_uniform/{fam}")
+        u_t, u_v = _unit(tr.encode(ds.train.images)), _unit(tr.encode(ds.val.images))
+        thetas[fam] = np.arctan2(u_v[:, 1], u_v[:, 0])
+        probes[fam], _ = ev.factor_table(u_t, ds.train.factors, u_v, ds.val.factors, k=5,
+                                         max_iter=ctx.pick(tiny=10, quick=100, full=100))
+        stats[fam] = {"color": circle_stats(thetas[fam], ds.val.factors.color, data.N_COLORS),
+                      "shape": circle_stats(thetas[fam], ds.val.factors.shape, len(data.SHAPES))}
+    figs = [_angle_figure(ctx, thetas, ds.val.factors, "circle_angles.png")]
+
+    def best(fam, f):
+        return max(probes[fam][f]["linear_val"], probes[fam][f]["knn_val"])
+
+    def above(fam, f):
+        c = probes[fam][f]["chance"]
+        return (best(fam, f) - c) / (1 - c)
+
+    rows = []
+    for fam in thetas:
+        for f in ("color", "shape"):
+            s = stats[fam][f]
+            rows.append({"views": fam, "factor": f, "K": len(s["concentration"]),
+                         "linear (val)": probes[fam][f]["linear_val"], "5-NN (val)": probes[fam][f]["knn_val"],
+                         "chance": probes[fam][f]["chance"], "mean R": s["mean_concentration"],
+                         "min gap / (2pi/K)": s["gap_ratio"], "max gap (rad)": s["max_gap"],
+                         "overall R": s["overall_R"]})
+    table = markdown_table(rows)
+    table += ("\n\nR: mean resultant length of a class's angles (1 = a point, 0 = spread); gaps between "
+              "consecutive class-mean angles, relative to the regular K-gon spacing 2 pi / K.")
+
+    co, cj = stats["crop_only"], stats["crop_color_jitter"]
+    checks = {
+        "crop_only codes colour (colour >= 0.60 and >= shape + 0.20)":
+            best("crop_only", "color") >= 0.60 and best("crop_only", "color") >= best("crop_only", "shape") + 0.2,
+        "crop_only colour classes concentrated (mean R >= 0.7)": co["color"]["mean_concentration"] >= 0.7,
+        "crop_only colour classes spread (min gap >= 0.5 x 2pi/8)": co["color"]["gap_ratio"] >= 0.5,
+        "crop_color_jitter codes shape (shape >= 0.50)": best("crop_color_jitter", "shape") >= 0.50,
+        "crop_color_jitter: shape above colour (above-chance share)":
+            above("crop_color_jitter", "shape") > above("crop_color_jitter", "color"),
+        "crop_color_jitter shape means spread (min gap >= 0.5 x 2pi/3)": cj["shape"]["gap_ratio"] >= 0.5,
+    }
+    met = all(checks.values()) if ctx.level != "tiny" else None
+    failed = [k for k, v in checks.items() if not v]
+    pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
+    verdict = (f"crop_only: colour {pct(best('crop_only', 'color'))} vs shape {pct(best('crop_only', 'shape'))}, "
+               f"colour R {co['color']['mean_concentration']:.2f}, min gap ratio {co['color']['gap_ratio']:.2f}; "
+               f"crop_color_jitter: shape {pct(best('crop_color_jitter', 'shape'))} vs colour "
+               f"{pct(best('crop_color_jitter', 'color'))}, shape R {cj['shape']['mean_concentration']:.2f}, "
+               f"min gap ratio {cj['shape']['gap_ratio']:.2f}. "
+               + ("All criteria hold." if not failed else "Failed: " + "; ".join(failed) + "."))
+    metrics = {"probe": probes, "circle": stats, "checks": checks,
+               "best": {fam: {f: best(fam, f) for f in common.PROBE_FACTORS} for fam in thetas}}
+    notes = "Criteria: " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items()) + "."
+    notes += ("\n\nHow the settings were chosen (quick scale, crop_only colour accuracy, best probe): with batch "
+              "norm before the 2-d output the colour circle folded (two or more colour classes on one arc) in "
+              "every run tried (35-49 % for lr 1e-3 to 5e-3, t = 2 or 6, 250-500 steps; 26 % with a 2-layer "
+              "CNN, 35 % with an 8x8 average-pooled input); without it the embedding reaches the 8-cluster "
+              "circle, but only after a plateau: at 400 steps 2 of 4 data seeds got there, at 800 steps "
+              "experiment seeds 0 and 2 reach it (100 % and 99.6 %, min gap 0.87 and 0.91 of 2 pi/8) while "
+              "seed 1 stays folded (35.8 %, final loss -1.39 vs -1.57). Batch 128 instead of 256 never left "
+              "the plateau. No setting gave a shape-coding embedding with crop + colour jitter: shape accuracy "
+              "stayed at chance (31-39 %) for MLPs with and without batch norm and for the small CNN; the "
+              "book's encoder is a 6-layer CNN trained for 20k steps, which is beyond this budget.")
+    return Outcome(metrics=metrics, table=table, met=met, verdict=verdict, figures=figs, notes=notes)
