@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refssl import baselines, data, nn
+from refssl import baselines, nn
 from refssl import eval as ev
 
 from . import common
@@ -134,8 +134,7 @@ def run(ctx):
         "the AE learned something (val MSE < 0.8 x mean-image MSE)": mse_val < 0.8 * mse_mean_image,
     }
     metrics["checks"] = checks
-    met = all(checks.values()) if ctx.level != "tiny" else None
-    failed = [k for k, v in checks.items() if not v]
+    met, failed = ctx.judge(checks)
     verdict = (f"Latent colour accuracy {100 * lat['color']['linear_val']:.1f} % (linear) / "
                f"{100 * lat['color']['knn_val']:.1f} % (1-NN) vs pixel colour 1-NN "
                f"{100 * pix['color']['knn_val']:.1f} %; latent shape {100 * lat['shape']['linear_val']:.1f} % / "

@@ -119,8 +119,7 @@ def run(ctx):
     }
     table += "\n\nUnder B, above-chance accuracy (acc - chance) / (1 - chance): " + ", ".join(
         f"{f} {v:.3f}" for f, v in above_b.items()) + "."
-    met = all(checks.values()) if ctx.level != "tiny" else None
-    failed = [k for k, v in checks.items() if not v]
+    met, failed = ctx.judge(checks)
     pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
     verdict = (f"Colour accuracy A/B/C = {pct(acc['A']['color'])} / {pct(acc['B']['color'])} / "
                f"{pct(acc['C']['color'])}; position A/C = {pct(acc['A']['position'])} / "

@@ -193,8 +193,7 @@ def run(ctx):
             above("crop_color_jitter", "shape") > above("crop_color_jitter", "color"),
         "crop_color_jitter shape means spread (min gap >= 0.5 x 2pi/3)": cj["shape"]["gap_ratio"] >= 0.5,
     }
-    met = all(checks.values()) if ctx.level != "tiny" else None
-    failed = [k for k, v in checks.items() if not v]
+    met, failed = ctx.judge(checks)
     pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
     verdict = (f"crop_only: colour {pct(best('crop_only', 'color'))} vs shape {pct(best('crop_only', 'shape'))}, "
                f"colour R {co['color']['mean_concentration']:.2f}, min gap ratio {co['color']['gap_ratio']:.2f}; "

@@ -190,7 +190,7 @@ def run(ctx):
         "unnormalised_loss_to_zero": r["loss_end"] < 0.1 * r["loss_start"] and r["loss_end"] < bound,
         "heldout_loss_needs_the_norm": held_raw < bound <= held_unit,
     }
-    met = all(checks.values()) if ctx.level != "tiny" else None
+    met, _ = ctx.judge(checks)
     verdict = (f"tau {lo:g} -> {hi:g}: uniformity {sweep[lo]['uniformity']:.2f} -> {sweep[hi]['uniformity']:.2f}, "
                f"alignment {sweep[lo]['alignment']:.3f} -> {sweep[hi]['alignment']:.3f}; unnormalised run: "
                f"mean norm {r['norm_start']:.2f} -> {r['norm_end']:.2f} (the normalised run's grows too, {s['norm_start']:.2f} "

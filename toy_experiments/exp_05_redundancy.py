@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refssl import data, nn
+from refssl import nn
 from refssl import eval as ev
 
 from . import common
@@ -119,7 +119,7 @@ def run(ctx):
         and abs(bt["rank_projector"] - hs["rank_projector"]) < 0.25 * bt["rank_projector"],
         "lambda_controls_rank": bt_hi["rank_projector"] > 1.5 * bt_lo["rank_projector"],
     }
-    met = all(checks.values()) if ctx.level != "tiny" else None
+    met, _ = ctx.judge(checks)
     verdict = (f"Smallest projector effective rank over all runs {min_rank:.1f} ({lowest}); at lambda = {ref:.4g} BT vs HSIC: "
                f"mean probe {bt['linear_mean']:.3f} vs {hs['linear_mean']:.3f}, rank {bt['rank_projector']:.1f} vs "
                f"{hs['rank_projector']:.1f}; BT rank at lambda {lo:.4g} -> {hi:.4g}: {bt_lo['rank_projector']:.1f} -> "

@@ -316,7 +316,7 @@ def run(ctx):
                      f"without (1/sqrt(d) = {1 / np.sqrt(dim):.3f})")
         parts.append(f"{method}: effective rank {rg:.2f} with vs {rb:.2f} without{extra} "
                      f"({'as expected' if checks[method] else 'NOT as expected'})")
-    met = all(checks.values()) if ctx.level != "tiny" else None
+    met, _ = ctx.judge(checks)
     verdict = "; ".join(parts) + "."
     return Outcome(metrics={"runs": metrics, "checks": checks}, table=markdown_table(rows), met=met,
                    verdict=verdict, figures=[f1, f2],

@@ -255,8 +255,7 @@ def run(ctx):
              f"as well as colour, so each colour class is stretched along size: the K = {num_clusters[1]} "
              f"clustering is {np.mean(metrics['purity_fine']):.3f} pure in colour on average, while K = 8 "
              f"partitions cut across colour classes.")
-    met = all(crit.values()) if ctx.level != "tiny" else None
-    failed = [k for k, v in crit.items() if not v]
+    met, failed = ctx.judge(crit)
     verdict = (f"Colour accuracy {acc_c[0]:.3f} -> {acc_c[-1]:.3f} (max {max(acc_c):.3f}), shape accuracy "
                f"<= {max(acc_s):.3f}; Spearman(phi, spread) min {np.nanmin(rho):.2f}; the M-step lowered the "
                f"prototype objective in {int(np.sum(np.array(m_drop) > 0))}/{len(m_drop)} epochs; mean spread "

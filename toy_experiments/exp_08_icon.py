@@ -209,8 +209,7 @@ def run(ctx):
         "tsne_shape_near_chance": knn["t-SNE (2-D)"]["shape"] < 0.5,
         "icon_equals_tsne": identity_rel < 1e-8,
     }
-    met = all(crit.values()) if ctx.level != "tiny" else None
-    failed = [k for k, v in crit.items() if not v]
+    met, failed = ctx.judge(crit)
     sweep = ", ".join(f"{a}: {mean[a]:.3f}" for a in alphas)
     sweep_q = ", ".join(f"{a}: {mean_q[a]:.3f}" for a in alphas_q)
     verdict = (f"Mean colour accuracy by alpha on p {{{sweep}}}, on q {{{sweep_q}}} vs k-means {np.mean(km):.3f}; "

@@ -93,6 +93,12 @@ class Context:
         elapsed = time.perf_counter() - self._t0
         print(f"[{self.name} {elapsed:6.1f}s] {message}", file=self.stream, flush=True)
 
+    def judge(self, checks: dict) -> tuple[bool | None, list[str]]:
+        """``(met, failed)`` for named criteria: met is ``all(checks)``, or None at the tiny level (a smoke
+        test is too small to judge); ``failed`` lists the names of the criteria that do not hold."""
+        failed = [name for name, ok in checks.items() if not ok]
+        return (None if self.level == "tiny" else not failed), failed
+
     def figure_path(self, filename: str) -> Path:
         return self.out_dir / filename
 
