@@ -56,19 +56,58 @@ register(
 )
 
 
+# erf(x) ~ tanh(x P(x^2)) on |x| <= 3.9 (clamped beyond, where erf rounds to +-1 in float32): P of degree 6,
+# fitted by refssl to atanh(erf(x)) / x with weighted least squares (weights (1 - erf^2) x, the sensitivity
+# of erf to an error in the tanh argument).  P(0) = 2/sqrt(pi), erf's slope at 0.  Max |error| 1.6e-7
+# over the real line in float32 arithmetic (tests/test_layers.py checks it), a few float32 ulps.
+_ERF_TANH_POLY = (1.128380163986608, 0.10276229783720513, -0.00017842173409585163, -0.000630092912303675,
+                  9.113736234489552e-05, -6.191285161028017e-06, 1.695952269850084e-07)
+_ERF_CLAMP = 3.9
+_CHUNK = 1 << 16  # elements per pass: the Horner temporaries stay in cache
+
+
+def erf_float32(x: np.ndarray) -> np.ndarray:
+    """erf of a float32 array, about 8x faster than ``scipy.special.erf`` (which evaluates float32 through a
+    scalar loop), with max absolute error 1.6e-7.  float64 callers use scipy's erf."""
+    out = np.empty_like(x)
+    xf, of = x.reshape(-1), out.reshape(-1)
+    c = [np.float32(v) for v in _ERF_TANH_POLY]
+    lim = np.float32(_ERF_CLAMP)
+    buf = np.empty((3, min(_CHUNK, xf.size)), np.float32)
+    for s in range(0, xf.size, _CHUNK):
+        n = min(_CHUNK, xf.size - s)
+        xs, t, p = buf[0, :n], buf[1, :n], buf[2, :n]
+        np.clip(xf[s:s + n], -lim, lim, out=xs)
+        np.multiply(xs, xs, out=t)
+        np.multiply(t, c[6], out=p)
+        for k in (5, 4, 3, 2, 1):
+            p += c[k]
+            p *= t
+        p += c[0]
+        p *= xs
+        np.tanh(p, out=of[s:s + n])
+    return out
+
+
+def _erf(x):
+    return erf_float32(x) if x.dtype == np.float32 else erf(x)
+
+
 def gelu_forward(x):
     """Gaussian error linear unit, exact (erf) form, elementwise.
 
         out = x * Phi(x) = x/2 * (1 + erf(x / sqrt(2)))
 
     Shapes: x (N, ...) -> out, same shape.  This is PyTorch's default ``approximate='none'``; the tanh
-    approximation (``approximate='tanh'``) differs by up to about 5e-4 and is not used.
+    approximation (``approximate='tanh'``) differs by up to about 5e-4 and is not used.  float64 uses
+    scipy's erf; float32 uses :func:`erf_float32` (max error 1.6e-7 in erf, a few float32 ulps).
 
     Reference: Hendrycks & Gimpel 2016, arXiv 1606.08415; PyTorch torch/nn/modules/activation.py (GELU).
     Backward: derivations/layers_backward.md#gelu.
     """
     V.float_array(x, "x", shape_doc="(N, ...)")
-    cdf = 0.5 * (1.0 + erf(x * x.dtype.type(_INV_SQRT2)))
+    half = x.dtype.type(0.5)
+    cdf = half + half * _erf(x * x.dtype.type(_INV_SQRT2))
     return x * cdf, (x, cdf)
 
 

@@ -1,0 +1,347 @@
+"""Transformer modules: multi-head self-attention, the pre-norm block, a stack of blocks, and the Vision
+Transformer encoder used by MAE and BEiT.
+
+Every layer's backward is written beside its forward (llm.c's layout), each one a composition of the
+registered ops ``linear``, ``layer_norm``, ``gelu``, ``multi_head_attention`` and ``patchify``: the
+modules add only residual sums, concatenations and slices, whose backward passes are sums and slices.
+
+Conventions (``../shared`` reference §21; timm ``vision_transformer.py``, facebookresearch/mae
+``models_mae.py``, ``util/pos_embed.py``):
+
+* pre-norm block: ``x <- x + Attn(LN1(x))``, ``x <- x + MLP(LN2(x))``; MLP = Linear -> exact GELU -> Linear
+  (ratio 4); LayerNorm eps 1e-6; qkv with bias, its 3D outputs split as (3, heads, D/heads);
+* patch embedding: a linear map of each patch flattened in the MAE ``patchify`` order (row, column,
+  channel). timm's conv weight ``(D, C, p, p)`` flattens as (channel, row, column): a port loads it as
+  ``w = conv_w.permute(2, 3, 1, 0).reshape(p*p*C, D)``;
+* positions: fixed 2-D sin-cos (:func:`sincos_pos_embed_2d`, MAE) or learned (BEiT's absolute option);
+* initialisation (MAE ``initialize_weights``): xavier-uniform for every linear weight (the patch
+  embedding viewed as a (D, p²C) matrix, qkv as a (3D, D) one), biases 0, LayerNorm 1/0, CLS token
+  N(0, 0.02²); learned position embeddings truncated N(0, 0.02²).
+
+Parameters are flat dicts with dotted names (``"blocks.0.attn.qkv.w"``); the last component ``w``/``b``/
+``gamma``/``beta`` lets :func:`refssl.optim.bias_or_norm` exclude biases and norms from weight decay, and
+:func:`no_decay` adds the tokens and position embeddings (timm's ``no_weight_decay`` list).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..ops import activations, attention, linear, masked_modelling, norm_layers
+from .io import prefixed, subdict
+from .layers import Module
+
+__all__ = ["sincos_pos_embed_2d", "xavier_uniform", "MultiHeadAttention", "TransformerBlock",
+           "TransformerStack", "ViT", "no_decay", "LN_EPS"]
+
+LN_EPS = 1e-6  # MAE and BEiT build their blocks with LayerNorm(eps=1e-6)
+
+
+def xavier_uniform(rng, fan_in: int, fan_out: int, shape, dtype):
+    """Glorot & Bengio 2010 uniform: U(-a, a) with a = sqrt(6 / (fan_in + fan_out))."""
+    a = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-a, a, size=shape).astype(dtype)
+
+
+def _trunc_normal(rng, std, shape, dtype):
+    """N(0, std²) truncated at +-2 std (timm's ``trunc_normal_(std=.02)`` with its default bounds
+    a=-2, b=2 is effectively untruncated for std 0.02; here the cut is at 2 std, as BEiT intends)."""
+    x = rng.standard_normal(shape)
+    while True:
+        bad = np.abs(x) > 2
+        if not bad.any():
+            break
+        x[bad] = rng.standard_normal(int(bad.sum()))
+    return (std * x).astype(dtype)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, *, cls_token: bool = True) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding of MAE (``util/pos_embed.py``), float64 ((1 +) h*w, dim).
+
+    Patches are numbered row-major. The first dim/2 channels encode the patch's **column**, the last dim/2
+    its row (MAE's ``meshgrid(grid_w, grid_h)`` puts the column first); each half is
+    ``[sin(w_k t)]_k || [cos(w_k t)]_k`` with ``w_k = 10000^(-k / (dim/4))``, k = 0 .. dim/4 - 1.  The CLS
+    row (first, when ``cls_token``) is zero.
+    """
+    if dim % 4:
+        raise ValueError(f"dim must be divisible by 4 for the 2-D sin-cos embedding, got {dim}")
+    q = dim // 4
+    omega = 1.0 / 10000.0 ** (np.arange(q, dtype=np.float64) / q)
+    rows, cols = np.divmod(np.arange(grid_h * grid_w), grid_w)
+
+    def half(t):
+        ang = t[:, None] * omega[None, :]
+        return np.concatenate([np.sin(ang), np.cos(ang)], axis=1)
+
+    emb = np.concatenate([half(cols.astype(np.float64)), half(rows.astype(np.float64))], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    return emb
+
+
+def no_decay(name: str) -> bool:
+    """Parameters kept out of weight decay: biases, norm affine parameters, tokens, position embeddings."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in {"b", "gamma", "beta", "cls", "mask_token", "pos"}
+
+
+# -- attention ---------------------------------------------------------------------------------------
+
+class MultiHeadAttention(Module):
+    """Self-attention over tokens x (B, L, D) with the registered ``multi_head_attention`` op.
+
+    Params ``qkv.w`` (D, 3D) input-major (timm's ``qkv.weight`` transposed), ``qkv.b`` (3D,), ``proj.w``
+    (D, D), ``proj.b`` (D,).  ``key_mask`` (B, L) bool marks the keys that may be attended (padding).
+    """
+
+    def __init__(self, dim: int, n_heads: int):
+        self.dim, self.n_heads = int(dim), int(n_heads)
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
+
+    def init(self, rng, dtype=np.float32):
+        d = self.dim
+        return {"qkv.w": xavier_uniform(rng, d, 3 * d, (d, 3 * d), dtype), "qkv.b": np.zeros(3 * d, dtype),
+                "proj.w": xavier_uniform(rng, d, d, (d, d), dtype), "proj.b": np.zeros(d, dtype)}, {}
+
+    def forward(self, params, state, x, *, train=True, key_mask=None):
+        out, cache = attention.multi_head_attention_forward(
+            x, params["qkv.w"], params["qkv.b"], params["proj.w"], params["proj.b"], key_mask,
+            n_heads=self.n_heads)
+        return out, cache, state
+
+    def backward(self, cache, dout, *, need_dx=True):
+        dx, dwq, dbq, dwo, dbo, _ = attention.multi_head_attention_backward(cache, dout)
+        return dx, {"qkv.w": dwq, "qkv.b": dbq, "proj.w": dwo, "proj.b": dbo}
+
+
+def _ln(params, prefix, x):
+    return norm_layers.layer_norm_forward(x, params[prefix + ".gamma"], params[prefix + ".beta"], eps=LN_EPS)
+
+
+def _ln_backward(cache, d, prefix, grads):
+    dx, dg, db = norm_layers.layer_norm_backward(cache, d)
+    grads[prefix + ".gamma"], grads[prefix + ".beta"] = dg, db
+    return dx
+
+
+def _lin(params, prefix, x):
+    return linear.linear_forward(x, params[prefix + ".w"], params[prefix + ".b"])
+
+
+def _lin_backward(cache, d, prefix, grads):
+    dx, dw, db = linear.linear_backward(cache, d)
+    grads[prefix + ".w"], grads[prefix + ".b"] = dw, db
+    return dx
+
+
+def _ln_init(d, dtype):
+    return np.ones(d, dtype), np.zeros(d, dtype)
+
+
+# -- block -------------------------------------------------------------------------------------------
+
+class TransformerBlock(Module):
+    """Pre-norm transformer block (ViT, MAE, BEiT; BERT-style encoders use the same block here).
+
+        h = x + Attn(LN1(x)),    out = h + fc2(GELU(fc1(LN2(h))))
+
+    Shapes: x (B, L, D) -> out (B, L, D).  Params ``norm1.*``, ``attn.*``, ``norm2.*``, ``fc1.*``
+    (D, r D), ``fc2.*`` (r D, D).
+    """
+
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0):
+        self.dim, self.n_heads = int(dim), int(n_heads)
+        self.hidden = int(round(dim * mlp_ratio))
+        self.attn = MultiHeadAttention(dim, n_heads)
+
+    def init(self, rng, dtype=np.float32):
+        d, hdn = self.dim, self.hidden
+        p = {}
+        p["norm1.gamma"], p["norm1.beta"] = _ln_init(d, dtype)
+        p.update(prefixed(self.attn.init(rng, dtype)[0], "attn"))
+        p["norm2.gamma"], p["norm2.beta"] = _ln_init(d, dtype)
+        p["fc1.w"], p["fc1.b"] = xavier_uniform(rng, d, hdn, (d, hdn), dtype), np.zeros(hdn, dtype)
+        p["fc2.w"], p["fc2.b"] = xavier_uniform(rng, hdn, d, (hdn, d), dtype), np.zeros(d, dtype)
+        return p, {}
+
+    def forward(self, params, state, x, *, train=True, key_mask=None):
+        a_in, c_ln1 = _ln(params, "norm1", x)
+        a, c_attn, _ = self.attn.forward(subdict(params, "attn"), {}, a_in, key_mask=key_mask)
+        h = x + a
+        m_in, c_ln2 = _ln(params, "norm2", h)
+        u, c_fc1 = _lin(params, "fc1", m_in)
+        v, c_act = activations.gelu_forward(u)
+        m, c_fc2 = _lin(params, "fc2", v)
+        return h + m, (c_ln1, c_attn, c_ln2, c_fc1, c_act, c_fc2), state
+
+    def backward(self, cache, dout, *, need_dx=True):
+        c_ln1, c_attn, c_ln2, c_fc1, c_act, c_fc2 = cache
+        grads = {}
+        # out = h + m: dout flows both into the MLP branch and straight to h.
+        dv = _lin_backward(c_fc2, dout, "fc2", grads)
+        du = activations.gelu_backward(c_act, dv)[0]
+        dm_in = _lin_backward(c_fc1, du, "fc1", grads)
+        dh = dout + _ln_backward(c_ln2, dm_in, "norm2", grads)
+        da_in, g_attn = self.attn.backward(c_attn, dh)
+        grads.update(prefixed(g_attn, "attn"))
+        dx = dh + _ln_backward(c_ln1, da_in, "norm1", grads)
+        return dx, grads
+
+
+class TransformerStack(Module):
+    """``depth`` blocks applied in turn; params ``"{i}.*"``.
+
+    ``forward(..., keep=(i, ...))`` also returns, in ``cache``, nothing more than the block caches;
+    :meth:`forward_outputs` returns the output of every block (BEiT v2 reads an early layer), and
+    :meth:`backward` takes ``extra={i: grad}``: gradients arriving at the output of block ``i`` from
+    elsewhere than the next block.
+    """
+
+    def __init__(self, dim: int, depth: int, n_heads: int, mlp_ratio: float = 4.0):
+        self.depth = int(depth)
+        self.blocks = [TransformerBlock(dim, n_heads, mlp_ratio) for _ in range(self.depth)]
+
+    def init(self, rng, dtype=np.float32):
+        p = {}
+        for i, blk in enumerate(self.blocks):
+            p.update(prefixed(blk.init(rng, dtype)[0], str(i)))
+        return p, {}
+
+    def forward_outputs(self, params, x, *, key_mask=None):
+        """(outputs of every block, caches)."""
+        outs, caches = [], []
+        for i, blk in enumerate(self.blocks):
+            x, c, _ = blk.forward(subdict(params, str(i)), {}, x, key_mask=key_mask)
+            outs.append(x)
+            caches.append(c)
+        return outs, caches
+
+    def forward(self, params, state, x, *, train=True, key_mask=None):
+        outs, caches = self.forward_outputs(params, x, key_mask=key_mask)
+        return (outs[-1] if outs else x), caches, state
+
+    def backward(self, cache, dout, *, need_dx=True, extra=None):
+        extra = extra or {}
+        grads = {}
+        for i in range(self.depth - 1, -1, -1):
+            if i in extra:
+                dout = dout + extra[i]
+            dout, g = self.blocks[i].backward(cache[i], dout)
+            grads.update(prefixed(g, str(i)))
+        return dout, grads
+
+
+# -- Vision Transformer ------------------------------------------------------------------------------
+
+class ViT(Module):
+    """Vision Transformer encoder: patchify -> linear patch embedding -> [CLS] + positions -> blocks -> LN.
+
+    ``forward(params, state, images)`` maps images (N, C, H, W) to a pooled feature (N, D): the final CLS
+    token (``pool="cls"``) or the mean of the final patch tokens (``pool="mean"``), so that a ViT is an
+    encoder for the trainer and the probes.  MAE and BEiT use the stages below directly.
+
+    Params: ``patch.w`` (p²C, D), ``patch.b`` (D,), ``cls`` (D,), ``pos`` ((L + 1), D) when
+    ``pos="learned"`` (fixed sin-cos otherwise), ``blocks.{i}.*``, ``norm.gamma``, ``norm.beta``.
+    """
+
+    def __init__(self, *, image_size=32, patch=4, in_channels=3, dim=128, depth=4, n_heads=4,
+                 mlp_ratio=4.0, pos="sincos", pool="cls"):
+        if image_size % patch:
+            raise ValueError(f"image_size={image_size} is not divisible by patch={patch}")
+        if pos not in ("sincos", "learned"):
+            raise ValueError(f"pos must be 'sincos' or 'learned', got {pos!r}")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.image_size, self.patch, self.in_channels = int(image_size), int(patch), int(in_channels)
+        self.dim, self.depth, self.n_heads = int(dim), int(depth), int(n_heads)
+        self.grid = self.image_size // self.patch
+        self.n_patches = self.grid * self.grid
+        self.patch_dim = self.patch * self.patch * self.in_channels
+        self.pos, self.pool = pos, pool
+        self.stack = TransformerStack(dim, depth, n_heads, mlp_ratio)
+        self._fixed_pos = sincos_pos_embed_2d(self.dim, self.grid, self.grid) if pos == "sincos" else None
+
+    # -- parameters --
+    def init(self, rng, dtype=np.float32):
+        d, pd = self.dim, self.patch_dim
+        p = {"patch.w": xavier_uniform(rng, pd, d, (pd, d), dtype),
+             # MAE's init leaves the conv bias at PyTorch's default U(+-1/sqrt(fan_in)).
+             "patch.b": rng.uniform(-1, 1, d).astype(dtype) / np.sqrt(pd).astype(dtype),
+             "cls": (0.02 * rng.standard_normal(d)).astype(dtype)}
+        if self.pos == "learned":
+            p["pos"] = _trunc_normal(rng, 0.02, (self.n_patches + 1, d), dtype)
+        p.update(prefixed(self.stack.init(rng, dtype)[0], "blocks"))
+        p["norm.gamma"], p["norm.beta"] = _ln_init(d, dtype)
+        return p, {}
+
+    def pos_embed(self, params, dtype):
+        """((L + 1), D) position embedding, row 0 for the CLS token."""
+        if self.pos == "learned":
+            return params["pos"]
+        return self._fixed_pos.astype(dtype, copy=False)
+
+    # -- stages --
+    def embed_patches(self, params, images):
+        """images (N, C, H, W) -> patch embeddings (N, L, D) (no positions), cache."""
+        if images.ndim != 4 or images.shape[1:] != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(f"images must have shape (N, {self.in_channels}, {self.image_size}, "
+                             f"{self.image_size}), got shape {getattr(images, 'shape', None)}")
+        patches, _ = masked_modelling.patchify_forward(images, patch=self.patch)
+        x, c = _lin(params, "patch", patches)
+        return x, c
+
+    def embed_patches_backward(self, cache, d, grads):
+        """Parameter gradients of :meth:`embed_patches` into ``grads`` (the images get none)."""
+        _lin_backward(cache, d, "patch", grads)
+
+    def prepend_cls(self, params, x, pos0):
+        """x (N, K, D) -> (N, K + 1, D) with the CLS token (+ its position row) first."""
+        n, _, d = x.shape
+        cls = np.broadcast_to((params["cls"] + pos0)[None, None, :], (n, 1, d))
+        return np.concatenate([cls, x], axis=1)
+
+    def run_blocks(self, params, x, *, key_mask=None):
+        """Blocks then the final LayerNorm: (N, T, D) -> (normed output, block outputs, cache)."""
+        outs, c_blocks = self.stack.forward_outputs(subdict(params, "blocks"), x, key_mask=key_mask)
+        y, c_norm = _ln(params, "norm", outs[-1] if outs else x)
+        return y, outs, (c_blocks, c_norm)
+
+    def run_blocks_backward(self, cache, dy, grads, *, extra=None):
+        c_blocks, c_norm = cache
+        d = _ln_backward(c_norm, dy, "norm", grads)
+        dx, g = self.stack.backward(c_blocks, d, extra=extra)
+        grads.update(prefixed(g, "blocks"))
+        return dx
+
+    # -- whole encoder on full images --
+    def forward(self, params, state, images, *, train=True):
+        x, c_emb = self.embed_patches(params, images)
+        pos = self.pos_embed(params, x.dtype)
+        x = self.prepend_cls(params, x + pos[1:], pos[0])
+        y, _, c_run = self.run_blocks(params, x)
+        pooled = y[:, 0] if self.pool == "cls" else y[:, 1:].mean(axis=1)
+        return pooled, (c_emb, c_run, y.shape), state
+
+    def backward(self, cache, dout, *, need_dx=False):
+        c_emb, c_run, shape = cache
+        dy = np.zeros(shape, dout.dtype)
+        if self.pool == "cls":
+            dy[:, 0] = dout
+        else:
+            dy[:, 1:] = (dout / dout.dtype.type(shape[1] - 1))[:, None, :]
+        grads = {}
+        dx = self.run_blocks_backward(c_run, dy, grads)
+        grads["cls"] = dx[:, 0].sum(axis=0)
+        if self.pos == "learned":
+            grads["pos"] = dx.sum(axis=0)
+        self.embed_patches_backward(c_emb, dx[:, 1:], grads)
+        return None, grads
+
+    def tokens(self, params, images):
+        """Final normed tokens (N, L + 1, D) of full images (evaluation; no cache kept)."""
+        x, _ = self.embed_patches(params, images)
+        pos = self.pos_embed(params, x.dtype)
+        return self.run_blocks(params, self.prepend_cls(params, x + pos[1:], pos[0]))[0]
