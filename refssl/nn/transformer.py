@@ -113,7 +113,7 @@ class MultiHeadAttention(Module):
         return out, cache, state
 
     def backward(self, cache, dout, *, need_dx=True):
-        dx, dwq, dbq, dwo, dbo, _ = attention.multi_head_attention_backward(cache, dout)
+        dx, dwq, dbq, dwo, dbo = attention.multi_head_attention_backward(cache, dout)[:5]
         return dx, {"qkv.w": dwq, "qkv.b": dbq, "proj.w": dwo, "proj.b": dbo}
 
 
