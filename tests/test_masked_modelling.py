@@ -815,8 +815,8 @@ def test_vq_ema_update_accepts_the_op_cache_and_keeps_dtypes():
 def test_vq_dead_codes_are_reseeded_only_with_an_rng():
     rng, codebook, size, z, idx = _ema_inputs(0)
     size[-2:] = [1e-4, 5.0]  # code K-2 unused and dead, code K-1 unused but alive
-    size[0] = 0.0  # used, below the threshold: keeps its EMA update
-    assume_used = 0 in idx
+    size[0] = 0.0  # below the threshold but used in this batch (checked): keeps its EMA update
+    assert 0 in idx
     c0, s0, n0 = state.vq_ema_update(codebook, size, z, idx, dead_threshold=1e-2)
     c1, s1, n1 = state.vq_ema_update(codebook, size, z, idx, dead_threshold=1e-2, rng=np.random.default_rng(1))
     assert n0 == 0 and n1 == 1
@@ -825,7 +825,8 @@ def test_vq_dead_codes_are_reseeded_only_with_an_rng():
     assert s1[-2] == 1e-2
     np.testing.assert_array_equal(c1[-1], codebook[-1])
     np.testing.assert_array_equal(np.delete(c1, -2, axis=0), np.delete(c0, -2, axis=0))
-    assert assume_used and not np.array_equal(c1[0], codebook[0])
+    np.testing.assert_array_equal(c1[0], c0[0])
+    assert not np.array_equal(c1[0], codebook[0])
 
 
 @pytest.mark.derivation("masked_modelling.md#MM15")
