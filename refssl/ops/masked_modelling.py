@@ -38,7 +38,7 @@ NORM_PIX_EPS = 1e-6  # added to the unbiased per-patch variance (facebookresearc
 
 def _fresh(a: np.ndarray, src: np.ndarray) -> np.ndarray:
     """``a`` itself unless it is a view into ``src`` (reshapes of a transpose are views for unit axes)."""
-    return a.copy() if np.shares_memory(a, src) else a
+    return a.copy() if np.may_share_memory(a, src) else a
 
 
 def _int_array(a, name: str, shape: tuple, shape_doc: str) -> np.ndarray:
