@@ -97,7 +97,9 @@ def check(op, args, kwargs=None, *, rng=None, grad_out=None, h=1e-6, full_max_si
 
     ``op`` is anything with ``forward``, ``backward`` and ``differentiable``
     (a registered :class:`refssl.registry.Op` or a test double).  Float inputs
-    are promoted to float64.  Returns a :class:`GradcheckReport`.
+    are promoted to float64.  If ``op.surrogate`` is set (straight-through
+    estimators), the central differences are taken of it instead of forward.
+    Returns a :class:`GradcheckReport`.
     """
     kwargs = dict(kwargs or {})
     rng = np.random.default_rng(0) if rng is None else rng
@@ -139,12 +141,16 @@ def check(op, args, kwargs=None, *, rng=None, grad_out=None, h=1e-6, full_max_si
         return report
 
     # -- numerics -------------------------------------------------------------
+    # A straight-through op declares the function its backward differentiates (see registry.Op).
+    surrogate = getattr(op, "surrogate", None)
+    value = surrogate if surrogate is not None else (lambda *a, **kw: op.forward(*a, **kw)[0])
+
     def f(k, xk):
         trial = list(args)
         trial[k] = xk
-        return _pairing(op.forward(*trial, **kwargs)[0], g)
+        return _pairing(value(*trial, **kwargs), g)
 
-    f0 = _pairing(out, g)
+    f0 = _pairing(out, g) if surrogate is None else _pairing(value(*args, **kwargs), g)
 
     for k in sorted(diff):
         x = args[k]

@@ -58,6 +58,11 @@ class Op:
     derivation : ``derivations/FILE.md#anchor`` deriving the backward.
     hyper_ranges : float hyperparameters the gradient tests vary, with ranges.
     tolerance : gradient-check tolerance on the relative error (float64).
+    surrogate : only for straight-through estimators, whose forward value is
+        piecewise constant while backward returns a designed gradient:
+        ``surrogate(*args, **hyper) -> array`` of the output's shape whose
+        derivative backward returns; the finite-difference checks
+        differentiate it instead of ``forward``.  ``None`` for every other op.
     """
 
     name: str
@@ -69,6 +74,7 @@ class Op:
     derivation: str
     hyper_ranges: Mapping[str, Range] = field(default_factory=dict)
     tolerance: float = 1e-6
+    surrogate: Callable[..., Any] | None = None
 
     def __call__(self, *args, **kwargs):
         """Forward value only (drops the cache)."""
@@ -91,6 +97,7 @@ def register(
     derivation: str,
     hyper_ranges: Mapping[str, Range] | None = None,
     tolerance: float = 1e-6,
+    surrogate: Callable | None = None,
 ) -> Op:
     """Register an op under ``name`` and return it.  Names are unique."""
     if name in _OPS:
@@ -109,6 +116,7 @@ def register(
         derivation=derivation,
         hyper_ranges=dict(hyper_ranges or {}),
         tolerance=tolerance,
+        surrogate=surrogate,
     )
     _OPS[name] = op
     return op

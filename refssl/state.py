@@ -14,6 +14,10 @@ untouched, so the order of updates within a step is explicit in user code:
 * MSF:      loss = mean_shift(query, target, bank, ptr=ptr) enqueues the target *inside*
             (before its k-NN search); then bank, ptr = mean_shift_bank_update(bank, ptr, target)
             stores the same rows for the next step.
+* VQ-KD:    z_q, cache = vector_quantize_forward(z, codebook); the losses use z_q (and
+            vector_quantize_normalized_input(cache) for the commitment term); then
+            codebook, cluster_size, _ = vq_ema_update(codebook, cluster_size, z_hat, indices)
+            with the z_hat and indices of this step's cache (the step's codes came from the old codebook).
 
 Queue pointer semantics (all queues): ``queue`` has shape (K, D) with one
 stored vector per row, and ``ptr`` is the row that is written next, i.e. the
@@ -33,6 +37,7 @@ from numbers import Integral, Real
 import numpy as np
 
 from . import validation as V
+from .ops.masked_modelling import nearest_code, scatter_add_rows
 from .ops.normalize import l2_normalize_forward
 
 __all__ = [
@@ -48,6 +53,8 @@ __all__ = [
     "byol_momentum",
     "moco_v3_momentum",
     "dino_momentum",
+    "vq_ema_update",
+    "vq_kmeans_init",
 ]
 
 
@@ -275,3 +282,134 @@ def dino_momentum(step, *, total_steps, base=0.996):
         raise ValueError(f"step must be in [0, {total}) (the schedule has total_steps entries), got {k}")
     b = V.in_range(base, "base", 0.0, 1.0)
     return _cosine_ramp(k / total, b)
+
+
+# -- VQ-KD codebook (BEiT v2) ----------------------------------------------------------------
+
+_NORMALIZE_EPS = 1e-12  # F.normalize's floor on the norm, as in the official l2norm
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), _NORMALIZE_EPS)
+
+
+def _flat_rows(z, name: str, width: int | None = None) -> np.ndarray:
+    V.float_array(z, name, shape_doc="(..., D)")
+    if z.ndim < 1 or z.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., D) with D >= 1, got shape {z.shape}")
+    if width is not None and z.shape[-1] != width:
+        raise ValueError(f"{name} must have shape (..., {width}) (the codebook width D), got shape {z.shape}")
+    return z.reshape(-1, z.shape[-1])
+
+
+def _rng_or_none(rng):
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator or None, got {type(rng).__name__}")
+    return rng
+
+
+def _sample_rows(rows: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` rows: distinct ones when there are enough, else drawn with replacement (official sample_vectors)."""
+    m = rows.shape[0]
+    pick = rng.permutation(m)[:count] if m >= count else rng.integers(0, m, size=count)
+    return rows[pick]
+
+
+def vq_ema_update(codebook, cluster_size, z_normalized, indices, *, decay=0.99, dead_threshold=1e-3,
+                  rng=None):
+    """EMA update of the VQ-KD codebook: ``(new_codebook, new_cluster_size, n_dead_reset)``.
+
+    With b_k = #{i: indices_i = k} (the bins) and m_k = normalise(mean_{i: indices_i = k} z^_i):
+
+        cluster_size_k <- decay cluster_size_k + (1 - decay) b_k
+        c_k            <- normalise(decay c_k + (1 - decay) m_k)      if b_k > 0
+        c_k            unchanged                                       if b_k = 0
+
+    normalise(x) = x / max(||x||, 1e-12) (F.normalize).  This is online spherical k-means: with the
+    assignments fixed, c_k converges to m_k, the normalised mean of its cluster
+    (derivations/masked_modelling.md#vq_ema_update).  The official code renormalises unused rows,
+    the identity on unit rows; here they are returned exactly as given.
+
+    **refssl's addition, not in the official code** (which relies on k-means initialisation,
+    :func:`vq_kmeans_init`, and otherwise leaves dead codes alone): if ``rng`` is a Generator, every
+    code with b_k = 0 whose new cluster_size is below ``dead_threshold`` is re-seeded with a random
+    row of z_normalized (distinct rows while there are enough) and its cluster_size set to
+    ``dead_threshold``.  A code that received points in this batch is never re-seeded.
+    ``rng=None`` (default) reproduces the official update.
+
+    Shapes: codebook (K, D), cluster_size (K,), z_normalized (..., D) (the L2-normalised encoder
+    outputs, ``vector_quantize_normalized_input``), indices integers in [0, K) of shape
+    z_normalized.shape[:-1] (``vector_quantize_indices``).  Pure: the inputs are not modified; the
+    outputs keep the dtypes of codebook and cluster_size (computed in float64).
+
+    Reference: Peng et al. 2022, arXiv 2208.06366; microsoft/unilm beit2/norm_ema_quantizer.py
+    (NormEMAVectorQuantizer.forward, norm_ema_inplace).  Official decay 0.99.
+    """
+    V.float_array(codebook, "codebook", ndim=2, shape_doc="(K, D)")
+    k, width = codebook.shape
+    V.float_array(cluster_size, "cluster_size", ndim=1, shape_doc="(K,)")
+    if cluster_size.shape != (k,):
+        raise ValueError(f"cluster_size must have shape (K,) = ({k},) (one count per code), got "
+                         f"{cluster_size.shape}")
+    z = _flat_rows(z_normalized, "z_normalized", width)
+    if not isinstance(indices, np.ndarray) or indices.dtype.kind not in "iu":
+        raise TypeError(f"indices must be a numpy integer array, got "
+                        f"{getattr(indices, 'dtype', type(indices).__name__)}")
+    if indices.shape != z_normalized.shape[:-1]:
+        raise ValueError(f"indices must have shape z_normalized.shape[:-1] = {z_normalized.shape[:-1]}, "
+                         f"got {indices.shape}")
+    idx = indices.reshape(-1).astype(np.intp)
+    if idx.size == 0:
+        raise ValueError("z_normalized has no rows (empty batch)")
+    if idx.min() < 0 or idx.max() >= k:
+        raise ValueError(f"indices must be in [0, K) = [0, {k}), got values in [{idx.min()}, {idx.max()}]")
+    lam = V.in_range(decay, "decay", 0.0, 1.0)
+    threshold = V.in_range(dead_threshold, "dead_threshold", 0.0, math.inf)
+    rng = _rng_or_none(rng)
+
+    z64 = z.astype(np.float64)
+    bins = np.bincount(idx, minlength=k).astype(np.float64)
+    new_size = lam * cluster_size.astype(np.float64) + (1.0 - lam) * bins
+    used = bins > 0
+    sums = scatter_add_rows(idx, z64, k)[used]
+    means = _unit_rows(sums / bins[used, None])
+    new_codebook = codebook.astype(np.float64)
+    new_codebook[used] = _unit_rows(lam * new_codebook[used] + (1.0 - lam) * means)
+
+    n_dead = 0
+    if rng is not None:
+        dead = ~used & (new_size < threshold)
+        n_dead = int(np.count_nonzero(dead))
+        if n_dead:
+            new_codebook[dead] = _unit_rows(_sample_rows(z64, n_dead, rng))
+            new_size[dead] = threshold
+    return new_codebook.astype(codebook.dtype), new_size.astype(cluster_size.dtype), n_dead
+
+
+def vq_kmeans_init(z_normalized, k, rng, iters=10):
+    """Spherical k-means initialisation of a VQ-KD codebook (the official ``kmeans_init`` option).
+
+    Seeds: k rows of z_normalized (distinct while there are enough, else with replacement).
+    Then ``iters`` Lloyd steps with cosine similarity: assign each row to the code of largest
+    z^ . c (ties to the lowest index); each code with at least one point becomes the normalised mean
+    of its points; a code without points (or whose points sum to zero) keeps its value.
+
+    Shapes: z_normalized (..., D) (unit rows), k >= 1 -> codebook (k, D) in z's dtype.
+    Reference: microsoft/unilm beit2/norm_ema_quantizer.py (kmeans with use_cosine_sim=True,
+    EmbeddingEMA.init_embed_); 10 iterations there.
+    """
+    z = _flat_rows(z_normalized, "z_normalized")
+    k = V.positive_int(k, "k")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    iters = V.positive_int(iters, "iters", minimum=0)
+    z64 = z.astype(np.float64)
+    means = _unit_rows(_sample_rows(z64, k, rng))
+    for _ in range(iters):
+        idx = nearest_code(z64, means)
+        bins = np.bincount(idx, minlength=k)
+        sums = scatter_add_rows(idx, z64, k)
+        norms = np.linalg.norm(sums, axis=1)
+        move = (bins > 0) & (norms > _NORMALIZE_EPS)
+        means[move] = sums[move] / norms[move, None]
+    return means.astype(z.dtype)
