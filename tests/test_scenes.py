@@ -14,7 +14,7 @@ from hypothesis import given
 from scipy.ndimage import map_coordinates
 
 from refssl.data.captions import (
-    MAX_CAPTION_WORDS, OPENERS, VOCAB, Tokenizer, caption_scenes, prompt_captions,
+    MAX_CAPTION_WORDS, OPENERS, VOCAB, Tokenizer, caption_scenes, prompt_captions, word_objects,
 )
 from refssl.data.scenes import BOX_MARGIN, SCENE_RADIUS, SIZE_NAMES, Scenes, crop_boxes, make_scenes
 from refssl.data.shapes import COLOR_NAMES, N_COLORS, SHAPES, render
@@ -423,3 +423,32 @@ def test_tokenizer_errors_name_the_problem():
         tok.decode(np.array([1, 99]))
     with pytest.raises(TypeError, match="integer"):
         tok.decode(np.array([1.0, 2.0]))
+
+
+def test_word_objects_points_each_word_to_the_object_it_describes():
+    tok = Tokenizer()
+    rng = np.random.default_rng(15)
+    sc = make_scenes(500, rng)
+    caps = caption_scenes(sc, rng)
+    ids, _ = tok.encode(caps, MAX_CAPTION_WORDS + 2)
+    obj = word_objects(ids, tok)
+    assert obj.shape == ids.shape and obj.dtype == np.int64
+    np.testing.assert_array_equal(obj.max(axis=1) + 1, sc.n_objects)
+    color_of = {v: c for c, v in tok.color_word_ids.items()}
+    shape_of = {v: s for s, v in tok.shape_word_ids.items()}
+    rows, cols = np.nonzero(obj >= 0)
+    for i, t in zip(rows, cols):
+        w, o = ids[i, t], obj[i, t]
+        if w in color_of:
+            assert sc.color[i, o] == color_of[w], caps[i]
+        if w in shape_of:
+            assert sc.shape[i, o] == shape_of[w], caps[i]
+    # Every colour and shape word lies in a noun phrase; relation and opener words do not.
+    is_attr = np.isin(ids, list(color_of) + list(shape_of))
+    assert (obj[is_attr] >= 0).all()
+    outside = np.isin(ids, [tok.word_to_id[w] for w in ("image", "photo", "left", "above", "with", "two")])
+    assert (obj[outside] == -1).all()
+    # A masked colour word still belongs to its phrase.
+    masked = ids.copy()
+    masked[np.isin(ids, list(color_of))] = tok.mask_id
+    np.testing.assert_array_equal(word_objects(masked, tok), obj)

@@ -60,6 +60,7 @@ from .shapes import COLOR_NAMES, SHAPES
 __all__ = [
     "SPECIAL_TOKENS", "FUNCTION_WORDS", "RELATION_WORDS", "NUMBER_WORDS", "NOUN_WORDS", "SIZE_WORDS",
     "VOCAB", "OPENERS", "MAX_CAPTION_WORDS", "caption_scenes", "prompt_captions", "Tokenizer",
+    "word_objects",
 ]
 
 SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]")
@@ -258,3 +259,33 @@ class Tokenizer:
         drop = {self.pad_id, self.cls_id, self.sep_id} if skip_special else set()
         rows = [" ".join(self.vocab[t] for t in r if t not in drop) for r in np.atleast_2d(a).tolist()]
         return rows[0] if a.ndim == 1 else rows
+
+
+def word_objects(ids: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
+    """The object slot each word of encoded captions describes: (N, T) int64, -1 outside noun phrases.
+
+    By the grammar, the k-th noun phrase describes slot k; a noun phrase is an article followed by a
+    size, colour or shape word (so the articles of "an image with" and "a photo of" start none) and runs to
+    its noun (a shape word or "shape").  Works on masked captions too, as long as the article and the noun
+    of each phrase are unmasked ([MASK] inside a phrase is part of it).
+    """
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu" or ids.ndim != 2:
+        raise TypeError(f"ids must be an integer array (N, T), got {ids.dtype} {ids.shape}")
+    w = tokenizer.word_to_id
+    article = np.isin(ids, [w["a"], w["an"]])
+    starts_np = np.isin(ids, [w[x] for x in SIZE_WORDS + tuple(COLOR_NAMES) + tuple(SHAPES)] +
+                        [tokenizer.mask_id])
+    noun = np.isin(ids, [w[x] for x in SHAPES] + [w["shape"]])
+    start = article.copy()
+    start[:, :-1] &= starts_np[:, 1:]
+    start[:, -1] = False
+    out = np.full(ids.shape, -1, dtype=np.int64)
+    slot = np.full(len(ids), -1, dtype=np.int64)
+    inside = np.zeros(len(ids), dtype=bool)
+    for t in range(ids.shape[1]):  # a scan over the <= 20 positions, vectorised over captions
+        slot += start[:, t]
+        inside |= start[:, t]
+        out[inside, t] = slot[inside]
+        inside &= ~noun[:, t]
+    return out
