@@ -9,13 +9,29 @@ from ..registry import register
 from ._layer_checks import param, upstream
 
 
+def _affine(x, w, b):
+    """x @ w + b on the last axis of a checked x (..., D_in), as one 2-D GEMM over all leading axes."""
+    out = x.reshape(-1, w.shape[0]) @ w
+    if b is not None:
+        out += b
+    return out.reshape(x.shape[:-1] + (w.shape[1],))
+
+
+def _affine_backward(x, w, has_b, g):
+    """(dx, dw, db) of :func:`_affine` for an upstream g (..., D_out); leading axes flattened for the GEMMs."""
+    x2 = x.reshape(-1, w.shape[0])
+    g2 = g.reshape(-1, w.shape[1])
+    return (g2 @ w.T).reshape(x.shape), x2.T @ g2, (g2.sum(axis=0) if has_b else None)
+
+
 def linear_forward(x, w, b):
-    """Affine map of the last axis: a batch of rows, or of tokens.
+    """Affine map of the last axis.
 
         out = x @ w + b
 
-    Shapes: x (N, D_in) or (..., D_in) (e.g. tokens (B, L, D_in)), w (D_in, D_out), b (D_out,) or ``None``
-    (no bias) -> out (..., D_out).  ``w`` is stored input-major (CS231n layout); PyTorch's
+    Shapes: x (N, D_in) or, more generally, (..., D_in) with at least 2 axes (tokens (B, L, D_in)),
+    w (D_in, D_out), b (D_out,) or ``None`` (no bias) -> out (..., D_out).  Every leading position is
+    mapped independently by the same weights.  ``w`` is stored input-major (CS231n layout); PyTorch's
     ``nn.Linear.weight`` is its transpose.
 
     Reference: the affine layer of any MLP, e.g. Goodfellow, Bengio & Courville (2016), ch. 6;
@@ -25,29 +41,28 @@ def linear_forward(x, w, b):
     V.float_array(x, "x", shape_doc="(N, D_in) or (..., D_in)")
     if x.ndim < 2:
         raise ValueError(f"x must have shape (N, D_in) or (..., D_in) with at least 2 axes, got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"x must not be empty, got shape {x.shape}")
     V.float_array(w, "w", ndim=2, shape_doc="(D_in, D_out)")
     V.same_dtype([x, w], ["x", "w"])
     if w.shape[0] != x.shape[-1]:
         raise ValueError(f"w must have shape (D_in, D_out) with D_in = x.shape[-1] = {x.shape[-1]}, "
                          f"got shape {w.shape}")
-    x2 = x.reshape(-1, x.shape[-1])  # tokens: one GEMM over all leading positions
-    out = x2 @ w
     if b is not None:
         param(b, "b", (w.shape[1],), "(D_out,)", x)
-        out += b
-    return out.reshape(x.shape[:-1] + (w.shape[1],)), (x2, w, b is not None, x.shape)
+    return _affine(x, w, b), (x, w, b is not None)
 
 
 def linear_backward(cache, grad_out):
-    """dx = g w^T, dw = x^T g, db = sum_n g_n (None when the layer has no bias); leading axes flattened."""
-    x2, w, has_b, shape = cache
-    g = upstream(grad_out, shape[:-1] + (w.shape[1],), x2.dtype).reshape(-1, w.shape[1])
-    return (g @ w.T).reshape(shape), x2.T @ g, (g.sum(axis=0) if has_b else None)
+    """dx = g w^T, dw = x2^T g2, db = sum of g2 over rows (None without bias); x2, g2 = leading axes flattened."""
+    x, w, has_b = cache
+    g = upstream(grad_out, x.shape[:-1] + (w.shape[1],), x.dtype)
+    return _affine_backward(x, w, has_b, g)
 
 
 def _linear_example(rng, dtype=np.float64):
-    n, d, m = rng.integers(1, 7), rng.integers(1, 7), rng.integers(1, 7)
-    lead = (n,) if rng.random() < 0.5 else (int(rng.integers(1, 3)), n)  # rows, or tokens (B, L)
+    lead = (rng.integers(1, 7),) if rng.random() < 0.5 else (rng.integers(1, 4), rng.integers(1, 4))
+    d, m = rng.integers(1, 7), rng.integers(1, 7)
     x = rng.standard_normal(lead + (d,)).astype(dtype)
     w = (rng.standard_normal((d, m)) / np.sqrt(d)).astype(dtype)
     b = rng.standard_normal(m).astype(dtype)
