@@ -64,9 +64,10 @@ def clip_backward(cache, grad_out):
     """G = g (P_rows + P_cols - 2 I) / (2N); dI = e^s G T, dT = e^s G^T I, ds = sum(G * Lambda)."""
     ui, ut, ci, ct, logits, scale, p_rows, p_cols = cache
     n, dt = ui.shape[0], ui.dtype
+    go = float(V.grad_out(grad_out, (), dt))
     g = p_rows + p_cols
     g[np.diag_indices(n)] -= 2
-    g *= dt.type(0.5 * float(grad_out) / n)
+    g *= dt.type(0.5 * go / n)
     d_scale = np.asarray(np.sum(g * logits), dtype=dt)
     g *= scale
     d_img = l2_normalize_backward(ci, g @ ut)[0]

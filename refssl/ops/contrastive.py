@@ -84,8 +84,7 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True):
     Reference: Chen et al. 2020, arXiv 2002.05709; google-research/simclr
     tf2/objective.py.  Backward: derivations/contrastive_backward.md#info_nce.
     """
-    if not isinstance(normalize, (bool, np.bool_)):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    normalize = V.flag(normalize, "normalize")
     u, ncache = _unit_views(z1, z2, normalize=normalize)
     tau = V.positive(temperature, "temperature")
     n2, dt = u.shape[0], u.dtype
@@ -116,13 +115,14 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True):
         p = np.exp(logits - lse)
         loss = np.mean(lse) - np.mean(pos, dtype=np.float64) / tau
         cache = ("rowwise", p, None, u, ncache, tau)
-    return dt.type(loss), cache
+    return V.finite_output(dt.type(loss), "info_nce", temperature=tau), cache
 
 
 def info_nce_backward(cache, grad_out):
     """dL/du = (g / (2N tau)) [ (P + P^T) u - 2 u_swap ], then the L2-normalisation backward."""
     kind, mat, r, u, ncache, tau = cache
     n2, dt = u.shape[0], u.dtype
+    go = float(V.grad_out(grad_out, (), dt))
     if kind == "symmetric":
         # P = diag(r) E with E symmetric, so P + P^T = E * (r_i + r_j): no transpose needed.
         m = np.empty_like(mat)
@@ -136,7 +136,7 @@ def info_nce_backward(cache, grad_out):
         m = mat + mat.T
     du = m @ u
     du -= 2 * _swap_views(u, n2 // 2)
-    du *= dt.type(float(grad_out) / (n2 * tau))
+    du *= dt.type(go / (n2 * tau))
     return _split_grad(du, ncache, n2 // 2)
 
 
@@ -208,13 +208,14 @@ def debiased_info_nce_forward(z1, z2, *, temperature=0.5, tau_plus=0.1):
     log_s = np.logaddexp(a_pos, log_ng)
     loss = np.mean(log_s - a_pos)
     cache = (w, log_s, a_pos, active, partner, u, ncache, t, tp)
-    return dt.type(loss), cache
+    return V.finite_output(dt.type(loss), "debiased_info_nce", temperature=t, tau_plus=tp), cache
 
 
 def debiased_info_nce_backward(cache, grad_out):
     """Row gradients w.r.t. the logits, symmetrised through s = u u^T; see the derivation."""
     w, log_s, a_pos, active, partner, u, ncache, t, tp = cache
     n2, dt = u.shape[0], u.dtype
+    go = float(V.grad_out(grad_out, (), dt))
     n_neg = n2 - 2
     idx = np.arange(n2)
     inv_s = np.exp(-log_s)  # 1 / (pos + Ng) in the shifted units of each row
@@ -224,7 +225,7 @@ def debiased_info_nce_backward(cache, grad_out):
     # positive: -1 + pos/S (1 - [inactive] tau+ N_n / (1 - tau+))
     pos_share = np.exp(a_pos - log_s)
     g[idx, partner] = -1.0 + pos_share * (1.0 - live * tp * n_neg / (1.0 - tp))
-    g *= dt.type(float(grad_out) / (n2 * t))
+    g *= dt.type(go / (n2 * t))
     du = (g + g.T) @ u
     return _split_grad(du, ncache, n2 // 2)
 

@@ -47,7 +47,7 @@ def moco_v3_forward(q1, q2, k1, k2, *, temperature=1.0):
     ce12, prob12 = identity_ce((q1n @ k2n.T) / dtype.type(tau))
     ce21, prob21 = identity_ce((q2n @ k1n.T) / dtype.type(tau))
     loss = 2.0 * tau * (ce12 + ce21)
-    return dtype.type(loss), (c1, c2, k1n, k2n, prob12, prob21, dtype)
+    return V.finite_output(dtype.type(loss), "moco_v3", temperature=tau), (c1, c2, k1n, k2n, prob12, prob21, dtype)
 
 
 def moco_v3_backward(cache, grad_out):
@@ -111,7 +111,7 @@ def moco_queue_forward(q, k, queue, *, temperature=0.2):
     logits = np.concatenate([np.sum(qn * kn, axis=1, keepdims=True), qn @ queue.T], axis=1)
     ls = log_softmax(logits / dtype.type(tau), axis=1)
     loss = -np.mean(ls[:, 0])
-    return dtype.type(loss), (cq, kn, queue, np.exp(ls), tau, dtype)
+    return V.finite_output(dtype.type(loss), "moco_queue", temperature=tau), (cq, kn, queue, np.exp(ls), tau, dtype)
 
 
 def moco_queue_backward(cache, grad_out):
