@@ -33,6 +33,10 @@ def alignment_forward(x, y, *, alpha=2):
     a = V.positive(alpha, "alpha")
     diff = x - y
     dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    dmax = float(dist.max())
+    if dmax > 1 and a * math.log(dmax) > math.log(float(np.finfo(x.dtype).max) / x.shape[0]):
+        raise ValueError(f"alpha = {a:g} is too large for these inputs: the largest distance {dmax:.4g} "
+                         f"raised to alpha overflows {x.dtype}")
     loss = np.mean(dist ** a)
     return V.finite_output(x.dtype.type(loss), "alignment", alpha=a), (diff, dist, a)
 
