@@ -317,3 +317,49 @@ def test_extreme_hyperparameter_is_an_error_or_a_finite_result(name, key, low, v
             grads = op.backward(cache, np.ones(np.shape(out), dtype=dtype) if np.ndim(out) else 1.0)
         for g in grads:
             assert g is None or np.all(np.isfinite(g)), dtype
+
+
+def _shared_size_cases():
+    for name in ALL_OPS:
+        args, _ = _example(registry.get(name))
+        first = next(a for a in args if isinstance(a, np.ndarray) and a.ndim > 0)
+        for size in sorted(set(first.shape)):
+            yield name, size
+
+
+@pytest.mark.parametrize("name,size", list(_shared_size_cases()))
+def test_emptying_an_axis_in_every_input_at_once(name, size):
+    """Every axis of length ``size`` in every array input emptied together (a consistent empty batch,
+    e.g. DINO's student (V, 0, K) with teacher (V_t, 0, K)): a clear error or a finite result."""
+    op = registry.get(name)
+    args, kwargs = _example(op)
+    emptied = []
+    for a in args:
+        if isinstance(a, np.ndarray):
+            a = a[tuple(slice(0, 0) if n == size else slice(None) for n in a.shape)]
+        emptied.append(a)
+    try:
+        with np.errstate(all="raise"):
+            out, cache = op.forward(*emptied, **kwargs)
+    except BAD:
+        return
+    assert np.all(np.isfinite(out)), out
+    with np.errstate(all="raise"):
+        grads = op.backward(cache, np.ones(np.shape(out)) if np.ndim(out) else 1.0)
+    for a, g in zip(emptied, grads):
+        if g is not None:
+            assert g.shape == a.shape and np.all(np.isfinite(g))
+
+
+def test_dino_with_an_empty_batch_is_a_value_error():
+    op = registry.get("dino")
+    with pytest.raises(ValueError, match=r"student must have shape \(V_s, N, K\) with N >= 1"):
+        op.forward(np.zeros((4, 0, 4)), np.zeros((2, 0, 4)), np.zeros(4))
+
+
+@pytest.mark.parametrize("name", ["relu", "gelu", "sigmoid", "mse"])
+def test_pointwise_ops_reject_0d_input(name):
+    op = registry.get(name)
+    args = (np.asarray(0.5),) * (2 if name == "mse" else 1)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, ...\)"):
+        op.forward(*args)

@@ -164,7 +164,9 @@ def student_t_kernel_forward(x, y, *, gamma=1.0, nu=1.0):
     """Student-t kernel logits: logits_ij = -log(1 + (d_ij / gamma)^nu), d = ||x_i - y_j||^2.
 
     gamma = nu = 1 is the Cauchy kernel (1 + ||x_i - y_j||^2)^-1 of t-SNE.
-    Shapes: x (N, D), y (M, D) -> logits (N, M).
+    Shapes: x (N, D), y (M, D) -> logits (N, M).  Evaluated as
+    -softplus(nu log(d_ij / gamma)), so (d/gamma)^nu is never formed and a large
+    nu or a small gamma does not overflow to -inf.
 
     Reference: van der Maaten & Hinton 2008 (t-SNE); Alshammari et al. 2025,
     arXiv 2504.16929; ShadeAlsha/ICon distributions/ (StudentT).

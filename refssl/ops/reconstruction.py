@@ -24,6 +24,9 @@ def mse_forward(x, target):
     V.float_array(target, "target", min_ndim=1, shape_doc="(N, ...) like x")
     V.same_shape([x, target], ["x", "target"])
     V.same_dtype([x, target], ["x", "target"])
+    if x.size == 0:
+        raise ValueError(f"x must have shape (N, ...) with at least one entry (the mean of no errors is "
+                         f"undefined), got shape {x.shape}")
     d = x - target
     return x.dtype.type(np.sum(d * d) / d.size), d
 
