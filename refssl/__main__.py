@@ -1,21 +1,51 @@
-"""Command line: ``python -m refssl gradcheck [OP ...]``, ``list`` and ``golden --out DIR``."""
+"""Command line: ``python -m refssl gradcheck [OP ...]``, ``list`` and ``golden --out DIR``.
+
+Errors a user can cause (an unknown op, ``--seeds 0``, an output folder that cannot be written) end
+in one line on stderr and exit status 2 (usage) or 1 (the write failed); Ctrl-C ends in one line and
+status 130.  Failures of refssl itself still show their traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 
 from . import gradcheck, registry
 
+DESCRIPTION = """\
+refssl: a numpy reference implementation of self-supervised / similarity-based representation
+learning.  Every registered op (a loss or a layer) has a hand-written backward pass, a paper and
+official-code reference, and a derivation file."""
+
+EPILOG = """\
+examples:
+  python -m refssl list                               the ops, their references and derivations
+  python -m refssl gradcheck info_nce clip --seeds 5  check two backward passes on 5 examples each
+  python -m refssl golden --out golden/               reference inputs/outputs/gradients for a port
+
+Run `python -m refssl COMMAND --help` for the options of a command."""
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"python -m refssl: error: {message}", file=sys.stderr)
+    return status
+
+
+def _unknown(names: list[str]) -> list[str]:
+    known = set(registry.names())
+    return [n for n in names if n not in known]
+
 
 def _gradcheck(ops: list[str], seeds: int) -> int:
     names = ops or registry.names()
-    unknown = [n for n in names if n not in registry.names()]
+    unknown = _unknown(names)
     if unknown:
-        print(f"unknown op(s): {', '.join(unknown)}; see `python -m refssl list`", file=sys.stderr)
-        return 2
+        return _fail(f"unknown op(s): {', '.join(unknown)}; see `python -m refssl list`", 2)
+    if seeds < 1:
+        return _fail(f"--seeds must be >= 1 (example seeds per op), got {seeds}", 2)
     width = max(len(n) for n in names)
     print(f"{'op':<{width}}  {'worst rel err':>13}  {'tolerance':>9}  {'result':>6}  {'time (s)':>8}")
     print("-" * (width + 46))
@@ -36,30 +66,65 @@ def _gradcheck(ops: list[str], seeds: int) -> int:
     return 1 if failures else 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m refssl", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("gradcheck", help="check every registered backward against finite differences")
-    p.add_argument("ops", nargs="*", help="op names (default: all registered ops)")
-    p.add_argument("--seeds", type=int, default=3, help="example seeds per op (default 3)")
-    sub.add_parser("list", help="list registered ops with their references")
-    g = sub.add_parser("golden", help="export golden vectors (inputs, outputs, gradients) of every op")
-    g.add_argument("ops", nargs="*", help="op names (default: all registered ops)")
-    g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    np.seterr(over="raise", divide="raise", invalid="raise")  # a stable op must not overflow on its examples
-    if args.command == "gradcheck":
-        return _gradcheck(args.ops, args.seeds)
-    if args.command == "golden":
-        from .golden import export
+def _golden(ops: list[str], out: str, seed: int) -> int:
+    from .golden import export
 
-        print(f"wrote {export(args.out, args.ops or None, seed=args.seed)}")
-        return 0
+    unknown = _unknown(ops)
+    if unknown:
+        return _fail(f"unknown op(s): {', '.join(unknown)}; see `python -m refssl list`", 2)
+    try:
+        path = export(out, ops or None, seed=seed)
+    except ValueError as e:  # a folder that must not be replaced
+        return _fail(str(e), 2)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        return _fail(f"cannot write golden vectors to {out}: {e.strerror or e}{where}", 1)
+    print(f"wrote {path}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    def fmt(prog):
+        return argparse.RawDescriptionHelpFormatter(prog, max_help_position=20, width=100)
+
+    parser = argparse.ArgumentParser(prog="python -m refssl", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands")
+    sub.add_parser("list", help="list the registered ops with their references and derivation files")
+    p = sub.add_parser("gradcheck", help="check every registered backward against float64 finite differences")
+    p.add_argument("ops", nargs="*", help="op names (default: all registered ops)")
+    p.add_argument("--seeds", type=int, default=3, help="example seeds per op, >= 1 (default 3)")
+    g = sub.add_parser("golden", help="export golden vectors (inputs, outputs, gradients) of the ops")
+    g.add_argument("ops", nargs="*", help="op names (default: all registered ops)")
+    g.add_argument("--out", required=True,
+                   help="output folder: new, empty, or an earlier export (replaced as a whole)")
+    g.add_argument("--seed", type=int, default=0, help="example seed (default 0)")
+    return parser
+
+
+def _run(argv) -> int:
+    args = _parser().parse_args(argv)
+    # a stable op must not overflow on its examples; scoped, so importing callers keep their settings
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        if args.command == "gradcheck":
+            return _gradcheck(args.ops, args.seeds)
+        if args.command == "golden":
+            return _golden(args.ops, args.out, args.seed)
     for name in registry.names():
         op = registry.get(name)
         print(f"{name}\n    reference:  {op.reference}\n    derivation: {op.derivation}")
     return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("python -m refssl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `python -m refssl list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

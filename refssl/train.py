@@ -289,8 +289,20 @@ class Trainer:
         nnio.save_npz(path, arrays)
 
     def load_checkpoint(self, path) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` for the same networks and optimiser."""
+        """Restore a checkpoint written by :meth:`save_checkpoint` for the same networks and optimiser.
+
+        Every array must match this trainer's in name, shape and dtype (a float64 checkpoint does not
+        load into a float32 trainer: construct the trainer with the checkpoint's ``dtype``), and the
+        file must hold the step counter; otherwise a ValueError names the mismatch and nothing changes.
+        """
         z = nnio.load_npz(path)
+        if "step" not in z:
+            raise ValueError(f"checkpoint {path} has no 'step' entry: not written by Trainer.save_checkpoint "
+                             f"(keys: {', '.join(sorted(z)[:5])}{', ...' if len(z) > 5 else ''})")
+        step = z["step"]
+        if step.shape != () or step.dtype.kind not in "iu" or int(step) < 0:
+            raise ValueError(f"checkpoint {path}: 'step' must be a non-negative integer scalar, got dtype "
+                             f"{step.dtype} and shape {step.shape}")
         params = {k[7:]: v for k, v in z.items() if k.startswith("params/")}
         buffers = {k[8:]: v for k, v in z.items() if k.startswith("buffers/")}
         opt = {k[4:]: v for k, v in z.items() if k.startswith("opt/")}
@@ -301,7 +313,12 @@ class Trainer:
             if set(new) != set(old) or any(new[k].shape != np.shape(old[k]) for k in old):
                 raise ValueError(f"checkpoint {path}: {what} do not match this trainer's networks "
                                  f"and optimiser")
+            for k in sorted(old):
+                want = np.asarray(old[k]).dtype
+                if new[k].dtype != want:
+                    raise ValueError(f"checkpoint {path}: {what} entry {k!r} has dtype {new[k].dtype}, this "
+                                     f"trainer uses {want} (construct the Trainer with dtype={new[k].dtype})")
         self.params, self.buffers, self.opt_state = params, buffers, opt
         if self.target_params is not None:
             self.target_params = target
-        self.step = int(z["step"])
+        self.step = int(step)

@@ -3,8 +3,26 @@
 Each check raises ``TypeError`` (wrong kind of object or dtype) or
 ``ValueError`` (wrong shape, empty batch, NaN/inf, out-of-range
 hyperparameter) with a message that names the argument and says what was
-expected.  Ops call these at the top of ``forward`` so that bad input never
-turns into a silent broadcast or a NaN loss.
+expected.  Ops call these at the top of ``forward`` (and :func:`grad_out` at
+the top of ``backward``) so that bad input never turns into a silent
+broadcast or a NaN loss.
+
+Policies shared by every check:
+
+* **Arrays** must be exactly ``np.ndarray`` (or ``np.memmap``, a file-backed
+  ndarray with identical semantics).  Other subclasses change what the
+  arithmetic means -- ``np.ma.MaskedArray`` hides masked NaNs from the
+  finiteness check and ignores them in reductions, ``np.matrix`` turns ``*``
+  into a matrix product and keeps every result 2-d -- so they are rejected
+  with a ``TypeError``; convert explicitly (``np.asarray(x)``,
+  ``x.filled(...)``).
+* **Hyperparameters** (:func:`positive`, :func:`in_range`) may be Python
+  ints/floats, numpy scalars or 0-d int/float arrays; every form gets the
+  same finiteness and range checks.  Booleans, strings, ``None`` and arrays
+  with more than one element are rejected.  Boolean flags go through
+  :func:`flag` (a Python ``bool`` or ``np.bool_`` only: ``"False"`` is not
+  false).
+* **grad_out** (:func:`grad_out`): see that function for the exact policy.
 """
 
 from __future__ import annotations
@@ -23,6 +41,10 @@ __all__ = [
     "labels_array",
     "scalar_array",
     "positive_int",
+    "flag",
+    "grad_out",
+    "finite_output",
+    "plain_array",
     "FLOAT_DTYPES",
 ]
 
@@ -33,20 +55,42 @@ def _shape_str(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def float_array(x, name: str, *, ndim: int | None = None, min_rows: int = 1,
+# np.memmap is an ndarray backed by a file: same arithmetic, same reductions.
+_PLAIN_ARRAY_TYPES = (np.ndarray, np.memmap)
+
+
+def plain_array(x, name: str, what: str = "a numpy array") -> np.ndarray:
+    """``x`` itself if it is an ``np.ndarray`` (or ``np.memmap``), else a TypeError naming ``name``.
+
+    Subclasses that change semantics (``np.ma.MaskedArray``, ``np.matrix``, ...) are rejected.
+    """
+    if type(x) in _PLAIN_ARRAY_TYPES:
+        return x
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a plain numpy.ndarray, got the subclass {type(x).__name__} "
+                        "(masked arrays and matrices change what the arithmetic means); "
+                        "convert it explicitly, e.g. np.asarray(x) or x.filled(value)")
+    raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
+
+
+def float_array(x, name: str, *, ndim: int | None = None, min_ndim: int = 0, min_rows: int = 1,
                 min_cols: int = 1, shape_doc: str | None = None) -> np.ndarray:
     """Check that ``x`` is a finite float32/float64 ndarray of the given rank.
 
-    ``min_rows`` bounds the first axis (the batch), ``min_cols`` the last one
-    (the feature width); ``shape_doc`` (e.g. ``"(N, D)"``) is used in messages.
+    ``ndim`` fixes the rank, ``min_ndim`` bounds it from below (1 for ``(N, ...)``
+    inputs: a 0-d array has no batch axis); ``min_rows`` bounds the first axis
+    (the batch), ``min_cols`` the last one (the feature width); ``shape_doc``
+    (e.g. ``"(N, D)"``) is used in messages.
     """
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    plain_array(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
     doc = shape_doc or (f"a {ndim}-d array" if ndim is not None else "an array")
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must have shape {doc}, got shape {_shape_str(x.shape)}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have shape {doc} (at least {min_ndim} axes), "
+                         f"got a {x.ndim}-d array of shape {_shape_str(x.shape)}")
     if x.ndim >= 1 and x.shape[0] < min_rows:
         what = "empty batch" if x.shape[0] == 0 else f"needs at least {min_rows} rows"
         raise ValueError(f"{name} must have shape {doc} with at least {min_rows} rows ({what}), "
@@ -77,11 +121,19 @@ def same_dtype(arrays, names) -> None:
 
 
 def _real(value, name: str) -> float:
+    """A finite real number from a Python int/float, a numpy scalar or a 0-d int/float array."""
+    if isinstance(value, np.ndarray):
+        plain_array(value, name)
+        if value.ndim != 0 or value.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be a real number (a Python/numpy scalar or a 0-d int/float "
+                            f"array), got an array of dtype {value.dtype} and shape {_shape_str(value.shape)}")
+        value = value[()]  # the numpy scalar: checked below like any other
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (Real, np.floating, np.integer)):
-        if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fi":
-            return float(value)
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a Python int beyond the float range
+        raise ValueError(f"{name} must be finite, got an integer too large for a float") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
@@ -110,8 +162,7 @@ def in_range(value, name: str, low: float, high: float, *, low_open: bool = Fals
 
 def labels_array(labels, name: str, n: int, *, num_classes: int | None = None) -> np.ndarray:
     """An integer array of shape (n,), values >= 0 (and < num_classes if given)."""
-    if not isinstance(labels, np.ndarray):
-        raise TypeError(f"{name} must be a numpy integer array, got {type(labels).__name__}")
+    plain_array(labels, name, "a numpy integer array")
     if labels.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {labels.dtype}")
     if labels.shape != (n,):
@@ -131,9 +182,7 @@ def scalar_array(x, name: str) -> np.ndarray:
     """
     if isinstance(x, np.floating):
         x = np.asarray(x)
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a 0-d numpy float array (e.g. np.asarray(2.659)), "
-                        f"got {type(x).__name__}")
+    plain_array(x, name, "a 0-d numpy float array (e.g. np.asarray(2.659))")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
     if x.ndim != 0:
@@ -144,9 +193,99 @@ def scalar_array(x, name: str) -> np.ndarray:
 
 
 def positive_int(value, name: str, *, minimum: int = 1) -> int:
-    """An integer >= minimum (counts such as k or a number of negatives)."""
+    """An integer >= minimum (counts such as k or a number of negatives).
+
+    Python ints, numpy integer scalars and 0-d integer arrays are accepted; bools are not.
+    """
+    if isinstance(value, np.ndarray) and type(value) in _PLAIN_ARRAY_TYPES and value.ndim == 0 \
+            and value.dtype.kind in "iu":
+        value = value[()]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (Integral, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def flag(value, name: str) -> bool:
+    """A boolean switch: a Python ``bool`` or ``np.bool_`` only.
+
+    Strings (``"False"`` is truthy), ``None``, 0/1 and arrays are rejected, so
+    that a flag is never silently read with Python's truthiness.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def grad_out(value, shape, dtype, *, name: str = "grad_out", copy: bool = False) -> np.ndarray:
+    """The upstream gradient of an op's output, checked like any input; returns an ndarray.
+
+    Policy (every registered op's ``backward`` goes through this check):
+
+    * **shape**: exactly the output's ``shape`` -- no broadcasting of a scalar
+      or a row, no extra leading axis (``(1,)`` is not ``()``).
+    * **scalar outputs** (``shape == ()``, the losses): a Python ``float``, a
+      Python ``int`` (an exact number, e.g. ``backward(cache, 1)``), a numpy
+      floating scalar or a 0-d float array.
+    * **arrays and numpy scalars** must have a real floating dtype (float16,
+      float32, float64, longdouble); integer, bool, complex and object dtypes
+      are a ``TypeError``, as are ``None``, strings and bools.
+      ``np.ndarray`` subclasses (masked arrays, matrices) are rejected as in
+      :func:`plain_array`.
+    * **dtype**: the value is cast to the op's ``dtype`` (a float64 upstream
+      gradient of a float32 op is rounded to float32, as the op computes in
+      float32); the result must be finite *after* the cast (1e300 does not fit
+      float32).  NaN/inf is a ``ValueError``.
+
+    The returned array may be ``value`` itself (when it already has ``dtype``):
+    callers must not modify it unless they pass ``copy=True``.
+    """
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    want = f"shape {_shape_str(shape)} (the op's output)"
+    if shape == ():
+        want += ": a Python float or a 0-d float array"
+    if value is None or isinstance(value, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{name} must be a float array of {want}, got {type(value).__name__} {value!r}")
+    if isinstance(value, np.ndarray):
+        plain_array(value, name)
+        kind = value.dtype.kind
+    elif isinstance(value, np.generic):
+        kind = value.dtype.kind
+    elif isinstance(value, (int, float)):
+        kind = "f"
+        if shape != ():
+            raise ValueError(f"{name} must have {want}, got a Python {type(value).__name__} "
+                             "(a scalar is not broadcast)")
+    else:
+        raise TypeError(f"{name} must be a float array of {want}, got {type(value).__name__}")
+    if kind != "f":
+        raise TypeError(f"{name} must have a real floating dtype, got "
+                        f"{getattr(value, 'dtype', type(value).__name__)}")
+    got = np.shape(value)
+    if got != shape:
+        raise ValueError(f"{name} must have {want}, got shape {_shape_str(got)}")
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            g = np.array(value, dtype=dtype, copy=True) if copy else np.asarray(value, dtype=dtype)
+    except OverflowError:  # a Python int beyond the float range
+        raise ValueError(f"{name} must be finite in {dtype}, got an integer too large for a float") from None
+    if not np.isfinite(g).all():
+        raise ValueError(f"{name} contains NaN or inf (in the op's dtype {dtype})")
+    return g
+
+
+def finite_output(value, op: str, **hyper):
+    """``value`` if it is finite, else a ValueError naming the op's hyperparameters.
+
+    The inputs are validated as finite, so a non-finite output can only come from a hyperparameter so
+    extreme (a temperature of 1e-300, an exponent of 1e300) that an intermediate overflows the dtype.
+    Ops call this on their output instead of returning inf or NaN.
+    """
+    if not np.isfinite(value).all():
+        dtype = np.asarray(value).dtype
+        what = ", ".join(f"{k}={v!r}" if not isinstance(v, float) else f"{k}={v:g}" for k, v in hyper.items())
+        raise ValueError(f"{op}: the output overflows {dtype} with {what}; this hyperparameter setting is "
+                         f"too extreme for these inputs in {dtype}")
+    return value

@@ -19,6 +19,22 @@ from .framework import run_experiment, write_index  # noqa: E402
 
 
 def main(argv=None) -> int:
+    """Run the command line; Ctrl-C (status 130) and a file system error such as an output folder that
+    cannot be written (status 1) end in one line instead of a traceback."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("python -m toy_experiments: interrupted (finished experiments are kept; the interrupted one "
+              "left nothing)", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"python -m toy_experiments: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+def _run(argv) -> int:
     exps = load_all()
     ordered = sorted(exps.values(), key=lambda e: (e.order, e.name))
     ap = argparse.ArgumentParser(prog="python -m toy_experiments", description=__doc__)

@@ -8,6 +8,15 @@ the numbers).  :func:`run_experiment` writes ``metrics.json``, ``report.md``
 and the figures to a staging folder next to the destination and renames it
 into place only when everything is written, so an interrupted run never leaves
 partial results.
+
+Replacing an earlier result takes two renames (the old folder to a hidden
+``.NAME.old-PID``, then the staging folder to ``NAME``).  A run killed between
+them leaves no ``NAME``; the next run of that experiment finds the
+``.NAME.old-PID`` of the dead process and renames it back before it starts
+(the interrupted run's result is lost, the previous one is intact).  Leftover
+``.NAME.old-PID`` folders next to an existing ``NAME`` and staging folders
+``.NAME.tmp-PID-...`` of dead processes are deleted; those of running
+processes are left alone (:func:`refssl.nn.io.recover_dir`).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from refssl.nn.io import recover_dir, replace_dir
 
 __all__ = ["Experiment", "Outcome", "Context", "experiment", "EXPERIMENTS", "run_experiment", "write_index",
            "LEVELS", "markdown_table"]
@@ -171,24 +182,15 @@ def _report(exp: Experiment, ctx: Context, out: Outcome, seconds: float) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _atomic_replace_dir(staging: Path, dest: Path) -> None:
-    """Move a finished staging folder to ``dest``, replacing any previous result in one rename."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(staging, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run_experiment(name: str, *, level: str = "full", seed: int = 0, out: str | Path | None = None,
                    results_root: str | Path = "results", stream=None) -> dict:
     """Run one experiment and write its folder atomically; returns a summary dict."""
     exp = EXPERIMENTS[name]
     dest = Path(out) if out is not None else Path(results_root) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    staging_prefix = f".{dest.name}.tmp-"
+    recover_dir(dest, staging_prefix)  # what a killed earlier run left: see the module docstring
+    staging = Path(tempfile.mkdtemp(prefix=f"{staging_prefix}{os.getpid()}-", dir=dest.parent))
     try:
         ctx = Context(name, level, seed, staging, stream=stream)
         ctx.progress(f"start ({level}, seed {seed})")
@@ -205,7 +207,7 @@ def run_experiment(name: str, *, level: str = "full", seed: int = 0, out: str | 
         }
         (staging / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
         (staging / "report.md").write_text(_report(exp, ctx, outcome, seconds))
-        _atomic_replace_dir(staging, dest)
+        replace_dir(staging, dest)
         ctx.progress(f"done in {seconds:.1f}s: expectation {_verdict_word(outcome.met)} -> {dest}")
         summary["path"] = str(dest)
         return summary

@@ -22,9 +22,11 @@ def nonneg_int(value, name: str) -> int:
     return V.positive_int(value, name, minimum=0)
 
 
-def upstream(grad_out, shape, dtype) -> np.ndarray:
-    """The upstream gradient as an array of the output's shape and dtype."""
-    g = np.asarray(grad_out, dtype=dtype)
-    if g.shape != tuple(shape):
-        raise ValueError(f"grad_out must have the output's shape {tuple(shape)}, got shape {g.shape}")
-    return g
+def upstream(grad_out, shape, dtype, *, copy: bool = False) -> np.ndarray:
+    """The upstream gradient as an array of the output's shape and dtype (``shape=()`` for a scalar loss).
+
+    Delegates to :func:`refssl.validation.grad_out`, which states the policy: exact shape (no
+    broadcasting), a real float dtype cast to ``dtype``, finite; None, strings and bools rejected.
+    The result may alias ``grad_out``: do not modify it unless ``copy=True``.
+    """
+    return V.grad_out(grad_out, shape, dtype, copy=copy)

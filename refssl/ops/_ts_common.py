@@ -41,11 +41,8 @@ def ce_identity_grad(prob):
 
 
 def grad_scalar(grad_out, dtype):
-    """Upstream gradient of a scalar output (Python float or 0-d array) as a 0-d array of dtype."""
-    g = np.asarray(grad_out, dtype=dtype)
-    if g.ndim != 0:
-        raise ValueError(f"grad_out of a scalar loss must be a scalar, got shape {g.shape}")
-    return g
+    """Upstream gradient of a scalar loss as a 0-d array of dtype (policy: :func:`refssl.validation.grad_out`)."""
+    return V.grad_out(grad_out, (), dtype)
 
 
 def clustered(rng, rows, d, spread=0.5):

@@ -34,7 +34,7 @@ def relu_forward(x):
     Reference: Nair & Hinton 2010 (ICML), "Rectified linear units improve restricted Boltzmann machines";
     PyTorch torch/nn/modules/activation.py (ReLU).  Backward: derivations/layers_backward.md#relu.
     """
-    V.float_array(x, "x", shape_doc="(N, ...)")
+    V.float_array(x, "x", min_ndim=1, shape_doc="(N, ...)")
     mask = x > 0
     return x * mask, (mask, x.dtype)
 
@@ -105,7 +105,7 @@ def gelu_forward(x):
     Reference: Hendrycks & Gimpel 2016, arXiv 1606.08415; PyTorch torch/nn/modules/activation.py (GELU).
     Backward: derivations/layers_backward.md#gelu.
     """
-    V.float_array(x, "x", shape_doc="(N, ...)")
+    V.float_array(x, "x", min_ndim=1, shape_doc="(N, ...)")
     half = x.dtype.type(0.5)
     cdf = half + half * _erf(x * x.dtype.type(_INV_SQRT2))
     return x * cdf, (x, cdf)
@@ -145,7 +145,7 @@ def sigmoid_forward(x):
 
     Reference: PyTorch torch/nn/modules/activation.py (Sigmoid).  Backward: derivations/layers_backward.md#sigmoid.
     """
-    V.float_array(x, "x", shape_doc="(N, ...)")
+    V.float_array(x, "x", min_ndim=1, shape_doc="(N, ...)")
     e = np.exp(-np.abs(x))
     out = np.where(x >= 0, 1.0, e) / (1.0 + e)
     return out.astype(x.dtype, copy=False), out.astype(x.dtype, copy=False)

@@ -33,16 +33,21 @@ def alignment_forward(x, y, *, alpha=2):
     a = V.positive(alpha, "alpha")
     diff = x - y
     dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    dmax = float(dist.max())
+    if dmax > 1 and a * math.log(dmax) > math.log(float(np.finfo(x.dtype).max) / x.shape[0]):
+        raise ValueError(f"alpha = {a:g} is too large for these inputs: the largest distance {dmax:.4g} "
+                         f"raised to alpha overflows {x.dtype}")
     loss = np.mean(dist ** a)
-    return x.dtype.type(loss), (diff, dist, a)
+    return V.finite_output(x.dtype.type(loss), "alignment", alpha=a), (diff, dist, a)
 
 
 def alignment_backward(cache, grad_out):
     """dL/dx_i = (g alpha / N) ||d_i||^(alpha-2) d_i = -dL/dy_i, with d_i = x_i - y_i."""
     diff, dist, a = cache
     n, dt = diff.shape[0], diff.dtype
+    go = float(V.grad_out(grad_out, (), dt))
     safe = np.where(dist > 0, dist, 1)
-    coef = np.where(dist > 0, safe ** (a - 2), 0.0) * (float(grad_out) * a / n)
+    coef = np.where(dist > 0, safe ** (a - 2), 0.0) * (go * a / n)
     dx = (coef[:, None] * diff).astype(dt, copy=False)
     return dx, -dx
 
@@ -69,13 +74,13 @@ def uniformity_forward(x, *, t=2):
     a = -tt * sq
     lse = logsumexp(a)
     loss = lse - math.log(n * (n - 1) / 2)
-    return x.dtype.type(loss), (x, iu, diff, a, lse, tt)
+    return V.finite_output(x.dtype.type(loss), "uniformity", t=tt), (x, iu, diff, a, lse, tt)
 
 
 def uniformity_backward(cache, grad_out):
     """With pair weights w = softmax over pairs of -t D: dL/dx_i = -2t sum_j w_ij (x_i - x_j)."""
     x, iu, diff, a, lse, tt = cache
-    w = np.exp(a - lse) * (-2.0 * tt * float(grad_out))
+    w = np.exp(a - lse) * (-2.0 * tt * float(V.grad_out(grad_out, (), x.dtype)))
     contrib = w[:, None] * diff  # gradient on x_i of pair (i, j); x_j receives the negative
     dx = np.zeros_like(x)
     np.add.at(dx, iu[0], contrib)

@@ -9,6 +9,7 @@ import numpy as np
 from .. import validation as V
 from ..numerics import logsumexp
 from ..registry import register
+from ._positive_ce import positive_ce
 from .normalize import l2_normalize_backward, l2_normalize_forward
 
 __all__ = ["clip_forward", "clip_backward", "clamp_logit_scale", "LOGIT_SCALE_INIT", "LOGIT_SCALE_MAX"]
@@ -31,7 +32,10 @@ def clip_forward(img, txt, logit_scale):
     Shapes: img, txt (N, D); logit_scale a 0-d array of the same dtype ->
     scalar.  All three inputs get gradients; dL/ds = sum(G * Lambda) with
     G = dL/dLambda.  After an optimiser step apply :func:`clamp_logit_scale`
-    (a projection outside the graph, as open_clip does).
+    (a projection outside the graph, as open_clip does).  logit_scale must be
+    at most log(max_float / 4N) (about 88 - log 4N in float32), beyond which
+    the logits' sums overflow.  Each cross-entropy row is evaluated without
+    cancellation near a zero loss (ops/_positive_ce.py).
 
     Reference: Radford et al. 2021, arXiv 2103.00020; mlfoundations/open_clip
     src/open_clip/loss.py (ClipLoss) and src/open_clip_train/train.py (clamp).
@@ -43,20 +47,27 @@ def clip_forward(img, txt, logit_scale):
     logit_scale = V.scalar_array(logit_scale, "logit_scale")
     V.same_dtype([img, txt, logit_scale], ["img", "txt", "logit_scale"])
     dt = img.dtype
-    with np.errstate(over="ignore"):
-        scale = np.exp(logit_scale)
-    if not np.isfinite(scale):
-        raise ValueError(f"logit_scale must be small enough that exp(logit_scale) is finite in {dt}, "
+    n = img.shape[0]
+    # |logits| <= exp(s); the loss sums 2N row terms each below 2 exp(s) + log N, which stays finite when
+    # exp(s) <= max / (4N).  (exp(s) itself being finite is not enough: s = 88 in float32 gave NaN.)
+    limit = math.log(float(np.finfo(dt).max) / (4 * n))
+    if not float(logit_scale) <= limit:
+        raise ValueError(f"logit_scale must be <= log(max_{dt} / (4N)) = {limit:.4g} for N = {n} rows (stricter "
+                         f"than 'exp(logit_scale) is finite': the sums of the logits must be finite too), "
                          f"got {float(logit_scale)}")
+    scale = np.exp(logit_scale)
     ui, ci = l2_normalize_forward(img)
     ut, ct = l2_normalize_forward(txt)
     logits = scale * (ui @ ut.T)
     lse_rows = logsumexp(logits, axis=1, keepdims=True)
     lse_cols = logsumexp(logits, axis=0, keepdims=True)
     diag = np.diagonal(logits)
-    loss = 0.5 * (np.mean(lse_rows) + np.mean(lse_cols)) - np.mean(diag)
     p_rows = np.exp(logits - lse_rows)  # softmax over texts for each image
     p_cols = np.exp(logits - lse_cols)  # softmax over images for each text
+    ids = np.arange(n)
+    ce_rows = positive_ce(p_rows, ids, lse_rows[:, 0] - diag)  # cancellation-free: ops/_positive_ce.py
+    ce_cols = positive_ce(p_cols.T, ids, lse_cols[0] - diag)
+    loss = 0.5 * (np.mean(ce_rows, dtype=np.float64) + np.mean(ce_cols, dtype=np.float64))
     return dt.type(loss), (ui, ut, ci, ct, logits, scale, p_rows, p_cols)
 
 
@@ -64,9 +75,10 @@ def clip_backward(cache, grad_out):
     """G = g (P_rows + P_cols - 2 I) / (2N); dI = e^s G T, dT = e^s G^T I, ds = sum(G * Lambda)."""
     ui, ut, ci, ct, logits, scale, p_rows, p_cols = cache
     n, dt = ui.shape[0], ui.dtype
+    go = float(V.grad_out(grad_out, (), dt))
     g = p_rows + p_cols
     g[np.diag_indices(n)] -= 2
-    g *= dt.type(0.5 * float(grad_out) / n)
+    g *= dt.type(0.5 * go / n)
     d_scale = np.asarray(np.sum(g * logits), dtype=dt)
     g *= scale
     d_img = l2_normalize_backward(ci, g @ ut)[0]

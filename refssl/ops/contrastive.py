@@ -15,6 +15,7 @@ from .. import validation as V
 from .._blocks import map_row_blocks
 from ..numerics import logsumexp
 from ..registry import Range, register
+from ._positive_ce import positive_ce, positive_ce_from_sums
 from .normalize import l2_normalize_backward, l2_normalize_forward
 
 __all__ = [
@@ -79,50 +80,63 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True):
     Stability: cosines are at most 1, so ``exp((s - 1)/tau) <= 1`` never
     overflows; the matrix of these values is symmetric, which lets backward
     use one GEMM.  If a row's sum would underflow (only for tau below about
-    0.02 in float32), the op falls back to a per-row max shift.
+    0.02 in float32), the op falls back to a per-row max shift.  Precision:
+    where the positive outweighs the negatives a row's term is evaluated as
+    log1p(sum of negative weights / positive weight), not as log-sum-exp minus
+    the positive logit, so near a zero loss the error is relative to the loss
+    rather than about eps/tau absolute (ops/_positive_ce.py, tests/test_precision.py).
 
     Reference: Chen et al. 2020, arXiv 2002.05709; google-research/simclr
     tf2/objective.py.  Backward: derivations/contrastive_backward.md#info_nce.
     """
-    if not isinstance(normalize, (bool, np.bool_)):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    normalize = V.flag(normalize, "normalize")
     u, ncache = _unit_views(z1, z2, normalize=normalize)
     tau = V.positive(temperature, "temperature")
     n2, dt = u.shape[0], u.dtype
     n = n2 // 2
     pos = np.einsum("ij,ij->i", u[:n], u[n:])  # cosine of each positive pair
+    pos2 = np.concatenate([pos, pos])
+    partner = (np.arange(n2) + n) % n2
     inv_tau = dt.type(1.0 / tau)
-    z = np.zeros(n2, dtype=dt)
+    w_pos = np.zeros(n2, dtype=dt)
+    w_neg = np.zeros(n2, dtype=dt)
 
     def rows(s, t):
         blk = e[s:t]
         blk -= inv_tau
         np.exp(blk, out=blk)
-        blk[np.arange(t - s), np.arange(s, t)] = 0  # exclude self-similarity
-        z[s:t] = blk.sum(axis=1)
+        r = np.arange(t - s)
+        blk[r, np.arange(s, t)] = 0  # exclude self-similarity
+        cols = partner[s:t]
+        w_pos[s:t] = blk[r, cols]  # the negatives are summed apart from the positive (see _positive_ce)
+        blk[r, cols] = 0
+        w_neg[s:t] = blk.sum(axis=1)
+        blk[r, cols] = w_pos[s:t]
 
     if normalize:  # the single shift 1/tau bounds the logits only for cosines
         e = _gram(u * dt.type(math.sqrt(1.0 / tau)))  # logits s_ij / tau straight from the GEMM
         map_row_blocks(rows, n2)
+    z = w_pos + w_neg
     finfo = np.finfo(dt)
     if normalize and z.min() >= finfo.tiny / finfo.eps:
-        log_z = np.log(z)
-        loss = np.mean(log_z) + (1.0 - np.mean(pos, dtype=np.float64)) / tau
+        per_row = positive_ce_from_sums(w_pos, w_neg, np.log(z) + (1.0 - pos2) / dt.type(tau))
         cache = ("symmetric", e, (1.0 / z).astype(dt), u, ncache, tau)
     else:  # raw dot products, or a row sum near underflow: shift each row by its own maximum
         logits = _gram(u) * inv_tau
         np.fill_diagonal(logits, -np.inf)
         lse = logsumexp(logits, axis=1, keepdims=True)
         p = np.exp(logits - lse)
-        loss = np.mean(lse) - np.mean(pos, dtype=np.float64) / tau
+        per_row = positive_ce(p, partner, lse[:, 0] - logits[np.arange(n2), partner])
         cache = ("rowwise", p, None, u, ncache, tau)
-    return dt.type(loss), cache
+    loss = np.mean(per_row, dtype=np.float64)
+    return V.finite_output(dt.type(loss), "info_nce", temperature=tau), cache
 
 
 def info_nce_backward(cache, grad_out):
     """dL/du = (g / (2N tau)) [ (P + P^T) u - 2 u_swap ], then the L2-normalisation backward."""
     kind, mat, r, u, ncache, tau = cache
     n2, dt = u.shape[0], u.dtype
+    go = float(V.grad_out(grad_out, (), dt))
     if kind == "symmetric":
         # P = diag(r) E with E symmetric, so P + P^T = E * (r_i + r_j): no transpose needed.
         m = np.empty_like(mat)
@@ -136,7 +150,7 @@ def info_nce_backward(cache, grad_out):
         m = mat + mat.T
     du = m @ u
     du -= 2 * _swap_views(u, n2 // 2)
-    du *= dt.type(float(grad_out) / (n2 * tau))
+    du *= dt.type(go / (n2 * tau))
     return _split_grad(du, ncache, n2 // 2)
 
 
@@ -208,13 +222,14 @@ def debiased_info_nce_forward(z1, z2, *, temperature=0.5, tau_plus=0.1):
     log_s = np.logaddexp(a_pos, log_ng)
     loss = np.mean(log_s - a_pos)
     cache = (w, log_s, a_pos, active, partner, u, ncache, t, tp)
-    return dt.type(loss), cache
+    return V.finite_output(dt.type(loss), "debiased_info_nce", temperature=t, tau_plus=tp), cache
 
 
 def debiased_info_nce_backward(cache, grad_out):
     """Row gradients w.r.t. the logits, symmetrised through s = u u^T; see the derivation."""
     w, log_s, a_pos, active, partner, u, ncache, t, tp = cache
     n2, dt = u.shape[0], u.dtype
+    go = float(V.grad_out(grad_out, (), dt))
     n_neg = n2 - 2
     idx = np.arange(n2)
     inv_s = np.exp(-log_s)  # 1 / (pos + Ng) in the shifted units of each row
@@ -224,7 +239,7 @@ def debiased_info_nce_backward(cache, grad_out):
     # positive: -1 + pos/S (1 - [inactive] tau+ N_n / (1 - tau+))
     pos_share = np.exp(a_pos - log_s)
     g[idx, partner] = -1.0 + pos_share * (1.0 - live * tp * n_neg / (1.0 - tp))
-    g *= dt.type(float(grad_out) / (n2 * t))
+    g *= dt.type(go / (n2 * t))
     du = (g + g.T) @ u
     return _split_grad(du, ncache, n2 // 2)
 

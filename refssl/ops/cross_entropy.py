@@ -37,9 +37,10 @@ def cross_entropy_backward(cache, grad_out):
     """dL/dlogits = g (softmax(logits) - onehot(labels)) / N."""
     logits, lse, labels = cache
     n = logits.shape[0]
+    go = float(V.grad_out(grad_out, (), logits.dtype))
     d = np.exp(logits - lse)
     d[np.arange(n), labels] -= 1
-    d *= logits.dtype.type(float(grad_out) / n)
+    d *= logits.dtype.type(go / n)
     return d, None
 
 

@@ -45,6 +45,8 @@ def dino_forward(student, teacher, center, *, student_temp=0.1, teacher_temp=0.0
     V.float_array(center, "center", shape_doc="(K,) or (1, K)")
     v_s, n, k = student.shape
     v_t = teacher.shape[0]
+    if n < 1:
+        raise ValueError(f"student must have shape (V_s, N, K) with N >= 1 (empty batch), got shape {student.shape}")
     if teacher.shape[1:] != (n, k):
         raise ValueError(f"teacher must have shape (V_t, {n}, {k}) to match student of shape "
                          f"{student.shape} (same batch N and output width K), got {teacher.shape}")
@@ -68,7 +70,7 @@ def dino_forward(student, teacher, center, *, student_temp=0.1, teacher_temp=0.0
     loss = -np.sum(tsum * logp) / (n * pairs)
     counts = np.full(v_s, v_t, dtype=dtype)  # teacher views paired with student view v
     counts[:shared] -= 1
-    return dtype.type(loss), (np.exp(logp), tsum, counts, n * pairs, ts, dtype)
+    return V.finite_output(dtype.type(loss), "dino", student_temp=ts, teacher_temp=tt), (np.exp(logp), tsum, counts, n * pairs, ts, dtype)
 
 
 def dino_backward(cache, grad_out):

@@ -57,8 +57,7 @@ def gaussian_ib_forward(z1, z2, *, beta=2.0, eps=1e-4, standardize_views=True):
     V.same_dtype((z1, z2), ("z1", "z2"))
     beta = V.positive(beta, "beta")
     eps = V.positive(eps, "eps")
-    if not isinstance(standardize_views, (bool, np.bool_)):
-        raise TypeError(f"standardize_views must be a bool, got {type(standardize_views).__name__}")
+    standardize_views = V.flag(standardize_views, "standardize_views")
     n, d = z1.shape
     a, b = z1.astype(np.float64), z2.astype(np.float64)
     if standardize_views:
@@ -78,14 +77,14 @@ def gaussian_ib_forward(z1, z2, *, beta=2.0, eps=1e-4, standardize_views=True):
     ld_m, cf_m = _logdet_chol(marg, "the marginal covariance S_Z")
     coef = (1.0 - beta) / beta
     loss = ld_c + coef * ld_m
-    return z1.dtype.type(loss), (delta, both, cf_c, cf_m, coef, norm, z1.dtype)
+    return V.finite_output(z1.dtype.type(loss), "gaussian_ib", beta=beta, eps=eps), (delta, both, cf_c, cf_m, coef, norm, z1.dtype)
 
 
 def gaussian_ib_backward(cache, grad_out):
     """d log|S| / dS = S^{-1}; with S = X^T X / (2N) + eps I, d/dX = X S^{-1} / N (Cholesky solves)."""
     delta, both, cf_c, cf_m, coef, norm, dtype = cache
     n = delta.shape[0]
-    go = float(np.asarray(grad_out))
+    go = float(V.grad_out(grad_out, (), dtype))
     g_delta = cho_solve(cf_c, delta.T, check_finite=False).T * (go / n)
     g_both = cho_solve(cf_m, both.T, check_finite=False).T * (coef * go / n)
     g1 = g_delta + g_both[:n]  # centring of [s1; s2] needs no term: columns of X S^{-1} have zero mean

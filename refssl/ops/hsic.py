@@ -132,7 +132,7 @@ def hsic_forward(x, y, *, kernel="linear", sigma=None):
 def hsic_backward(cache, grad_out):
     """dHSIC/dK = H L H / (N-1)^2 and dHSIC/dL = H K H / (N-1)^2, then through each kernel."""
     kx, ky, kc, lc, norm = cache
-    g = norm * kc.dtype.type(float(np.asarray(grad_out)))
+    g = norm * V.grad_out(grad_out, (), kc.dtype)[()]
     return _kernel_backward(kx, lc * g), _kernel_backward(ky, kc * g)
 
 

@@ -83,6 +83,8 @@ def icon_forward(p, logits, *, alpha=0.0, alpha_q=0.0, mask_diagonal=True, learn
     V.same_dtype([p, logits], ["p", "logits"])
     alpha = V.in_range(alpha, "alpha", 0.0, 1.0)
     alpha_q = V.in_range(alpha_q, "alpha_q", 0.0, 1.0, high_open=True)
+    mask_diagonal = V.flag(mask_diagonal, "mask_diagonal")
+    learn_p = V.flag(learn_p, "learn_p")
     _nonnegative(p, "p")
     n, m = p.shape
     diag = None
@@ -118,7 +120,7 @@ def icon_backward(cache, grad_out):
     """(q rowsum(p~ w) - p~ w)/N for logits; (1-alpha)(log p~ + 1 - log q~)/N for p if learned."""
     pt, logq, logqt, w, logpt, diag, alpha, learn_p = cache
     n = pt.shape[0]
-    g = float(grad_out) / n
+    g = float(V.grad_out(grad_out, (), pt.dtype)) / n
     q = np.exp(logq)
     if diag is not None:
         q[diag] = 0

@@ -52,11 +52,22 @@ def _pair(x, y):
 def squared_distances(x, y):
     """||x_i - y_j||^2 by the expansion |x|^2 + |y|^2 - 2 x.y, clamped at 0 (as the official code).
 
-    Returns (d, active) where ``active`` marks the entries not clamped.
+    Both sets are first shifted by the mean of x (distances do not change): the expansion
+    cancels catastrophically when the points sit far from the origin (|x| = 1e5 would cost
+    ten digits).  Returns (d, active) where ``active`` marks the entries not clamped.
     """
-    sq = np.sum(x * x, axis=1)[:, None] + np.sum(y * y, axis=1)[None, :] - 2.0 * (x @ y.T)
+    d, active, _, _ = _centred_distances(x, y)
+    return d, active
+
+
+def _centred_distances(x, y):
+    """squared_distances plus the shifted x and y (what the distance backward should use)."""
+    shift = x.mean(axis=0, keepdims=True)
+    xc = x - shift
+    yc = xc if y is x else y - shift
+    sq = np.sum(xc * xc, axis=1)[:, None] + np.sum(yc * yc, axis=1)[None, :] - 2.0 * (xc @ yc.T)
     active = sq > 0
-    return np.where(active, sq, 0).astype(x.dtype, copy=False), active
+    return np.where(active, sq, 0).astype(x.dtype, copy=False), active, xc, yc
 
 
 def _distance_backward(x, y, gd):
@@ -90,11 +101,13 @@ def gaussian_kernel_forward(x, y, *, sigma=1.0, metric="euclidean"):
     sigma = V.positive(sigma, "sigma")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    c = 1.0 / (2.0 * sigma * sigma)
+    c = 0.5 / sigma / sigma  # overflows to inf (never ZeroDivisionError) for a tiny sigma
+    if not c <= np.finfo(x.dtype).max:
+        raise ValueError(f"sigma must be large enough that 1 / (2 sigma^2) is finite in {x.dtype}, got {sigma:g}")
     if metric == "euclidean":
-        d, active = squared_distances(x, y)
+        d, active, xc, yc = _centred_distances(x, y)
         logits = -c * d
-        cache = (metric, c, x, y, active, None, None)
+        cache = (metric, c, xc, yc, active, None, None)
     elif metric == "cosine":
         xh, cx = l2_normalize_forward(x)
         yh, cy = l2_normalize_forward(y)
@@ -103,13 +116,14 @@ def gaussian_kernel_forward(x, y, *, sigma=1.0, metric="euclidean"):
     else:
         logits = c * (x @ y.T)
         cache = (metric, c, x, y, None, None, None)
-    return logits.astype(x.dtype, copy=False), cache
+    logits = logits.astype(x.dtype, copy=False)
+    return V.finite_output(logits, "gaussian_kernel", sigma=sigma), cache
 
 
 def gaussian_kernel_backward(cache, grad_out):
     """Chain rule through d: see derivations/icon.md#kernels."""
     metric, c, a, b, active, ca, cb = cache
-    g = np.asarray(grad_out, dtype=a.dtype)
+    g = V.grad_out(grad_out, (a.shape[0], b.shape[0]), a.dtype)
     if metric == "euclidean":
         gx, gy = _distance_backward(a, b, -c * g * active)
     elif metric == "cosine":
@@ -150,7 +164,9 @@ def student_t_kernel_forward(x, y, *, gamma=1.0, nu=1.0):
     """Student-t kernel logits: logits_ij = -log(1 + (d_ij / gamma)^nu), d = ||x_i - y_j||^2.
 
     gamma = nu = 1 is the Cauchy kernel (1 + ||x_i - y_j||^2)^-1 of t-SNE.
-    Shapes: x (N, D), y (M, D) -> logits (N, M).
+    Shapes: x (N, D), y (M, D) -> logits (N, M).  Evaluated as
+    -softplus(nu log(d_ij / gamma)), so (d/gamma)^nu is never formed and a large
+    nu or a small gamma does not overflow to -inf.
 
     Reference: van der Maaten & Hinton 2008 (t-SNE); Alshammari et al. 2025,
     arXiv 2504.16929; ShadeAlsha/ICon distributions/ (StudentT).
@@ -159,22 +175,25 @@ def student_t_kernel_forward(x, y, *, gamma=1.0, nu=1.0):
     _pair(x, y)
     gamma = V.positive(gamma, "gamma")
     nu = V.positive(nu, "nu")
-    d, active = squared_distances(x, y)
-    t = d / gamma
-    tn = t ** nu
-    logits = -np.log1p(tn)
-    return logits.astype(x.dtype, copy=False), (x, y, d, active, t, tn, gamma, nu)
+    d, active, xc, yc = _centred_distances(x, y)
+    # log(1 + t^nu) = softplus(nu log t), t = d / gamma: no t^nu that overflows for a large nu or a
+    # small gamma; d = 0 gives a = -inf and the logit 0.
+    with np.errstate(divide="ignore"):
+        a = nu * (np.log(d) - np.log(gamma)).astype(x.dtype, copy=False)
+    logits = -(np.maximum(a, 0) + np.log1p(np.exp(-np.abs(a))))
+    logits = V.finite_output(logits.astype(x.dtype, copy=False), "student_t_kernel", gamma=gamma, nu=nu)
+    return logits, (xc, yc, d, active, a, nu)
 
 
 def student_t_kernel_backward(cache, grad_out):
-    """d logits / d d = -nu t^(nu-1) / (gamma (1 + t^nu)); at d = 0 the distance gradient is 0 anyway."""
-    x, y, d, active, t, tn, gamma, nu = cache
-    g = np.asarray(grad_out, dtype=x.dtype)
-    pos = d > 0
-    safe_t = np.where(pos, t, 1)
-    dlog = np.where(pos, -nu * safe_t ** (nu - 1) / (gamma * (1 + tn)), -1.0 / gamma if nu == 1 else 0.0)
-    gx, gy = _distance_backward(x, y, g * dlog * active)
-    return gx.astype(x.dtype, copy=False), gy.astype(x.dtype, copy=False)
+    """d logits / d d = -(nu / d) sigmoid(nu log(d / gamma)) for d > 0; at d = 0 the distance gradient is 0."""
+    xc, yc, d, active, a, nu = cache
+    g = V.grad_out(grad_out, d.shape, xc.dtype)
+    sig = np.exp(-(np.maximum(-a, 0) + np.log1p(np.exp(-np.abs(a)))))  # sigmoid(a) = exp(-softplus(-a))
+    dlog = np.zeros_like(d)
+    np.divide(-nu * sig, d, out=dlog, where=active)
+    gx, gy = _distance_backward(xc, yc, g * dlog)
+    return gx.astype(xc.dtype, copy=False), gy.astype(xc.dtype, copy=False)
 
 
 def _student_example(rng, dtype=np.float64):
@@ -228,7 +247,7 @@ def cluster_kernel_forward(phi):
 def cluster_kernel_backward(cache, grad_out):
     """With H = G / q: dphi = (H + H^T) phi / S - 1 (diag(phi^T H phi) / S^2)^T."""
     phi, s, w, q = cache
-    h = np.asarray(grad_out, dtype=phi.dtype) / q
+    h = V.grad_out(grad_out, q.shape, phi.dtype) / q
     col = np.sum((h @ phi) * phi, axis=0) / (s * s)
     return (((h + h.T) @ w - col[None, :]).astype(phi.dtype, copy=False),)
 
@@ -278,6 +297,7 @@ def label_kernel(labels, labels_other=None, *, mask_diagonal=True, dtype=np.floa
     (they contribute 0 to the I-Con loss, as SupCon anchors without positives).
     """
     labels = _labels(labels, "labels")
+    mask_diagonal = V.flag(mask_diagonal, "mask_diagonal")
     if labels_other is None:
         k = labels[:, None] == labels[None, :]
         if mask_diagonal:
@@ -344,6 +364,7 @@ def propagate(p, steps, *, uniform=False):
     if p.shape[0] != p.shape[1]:
         raise ValueError(f"p must be square (N, N), got shape {p.shape}")
     steps = V.positive_int(steps, "steps")
+    uniform = V.flag(uniform, "uniform")
     acc = p.copy()
     power = p
     for _ in range(steps - 1):

@@ -13,6 +13,7 @@ from .. import validation as V
 from ..numerics import log_softmax
 from ..registry import Range, register
 from ._ts_common import ce_identity_grad, check_rows_like, check_views, clustered, grad_scalar, identity_ce
+from ._positive_ce import positive_ce
 from .normalize import l2_normalize_backward, l2_normalize_forward
 
 
@@ -47,7 +48,7 @@ def moco_v3_forward(q1, q2, k1, k2, *, temperature=1.0):
     ce12, prob12 = identity_ce((q1n @ k2n.T) / dtype.type(tau))
     ce21, prob21 = identity_ce((q2n @ k1n.T) / dtype.type(tau))
     loss = 2.0 * tau * (ce12 + ce21)
-    return dtype.type(loss), (c1, c2, k1n, k2n, prob12, prob21, dtype)
+    return V.finite_output(dtype.type(loss), "moco_v3", temperature=tau), (c1, c2, k1n, k2n, prob12, prob21, dtype)
 
 
 def moco_v3_backward(cache, grad_out):
@@ -97,7 +98,8 @@ def moco_queue_forward(q, k, queue, *, temperature=0.2):
     one key per column; here a key is a row.  k and queue are stop-gradient
     (slots None).  One direction only.  Identical embeddings everywhere give
     log(K + 1).  The queue is updated after the loss (keys of this step are not
-    their own negatives).
+    their own negatives).  Near a zero loss each row is evaluated without
+    cancellation, log1p(negative weight / positive weight) (ops/_positive_ce.py).
 
     Reference: Chen et al. 2020, arXiv 2003.04297 (He et al. 2019, arXiv
     1911.05722); facebookresearch/moco moco/builder.py, salesforce/PCL
@@ -110,8 +112,9 @@ def moco_queue_forward(q, k, queue, *, temperature=0.2):
     kn = l2_normalize_forward(k)[0]
     logits = np.concatenate([np.sum(qn * kn, axis=1, keepdims=True), qn @ queue.T], axis=1)
     ls = log_softmax(logits / dtype.type(tau), axis=1)
-    loss = -np.mean(ls[:, 0])
-    return dtype.type(loss), (cq, kn, queue, np.exp(ls), tau, dtype)
+    prob = np.exp(ls)
+    loss = np.mean(positive_ce(prob, np.zeros(len(ls), dtype=np.intp), -ls[:, 0]), dtype=np.float64)
+    return V.finite_output(dtype.type(loss), "moco_queue", temperature=tau), (cq, kn, queue, prob, tau, dtype)
 
 
 def moco_queue_backward(cache, grad_out):

@@ -64,7 +64,7 @@ def nnclr_forward(p1, p2, z1, z2, support, *, temperature=0.1):
     ce1, prob1 = identity_ce((nn1 @ p2n.T) / dtype.type(tau))
     ce2, prob2 = identity_ce((nn2 @ p1n.T) / dtype.type(tau))
     loss = 0.5 * (ce1 + ce2)
-    return dtype.type(loss), (c1, c2, nn1, nn2, prob1, prob2, tau, dtype)
+    return V.finite_output(dtype.type(loss), "nnclr", temperature=tau), (c1, c2, nn1, nn2, prob1, prob2, tau, dtype)
 
 
 def nnclr_backward(cache, grad_out):

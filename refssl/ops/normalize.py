@@ -38,7 +38,7 @@ def l2_normalize_forward(x, *, eps=DEFAULT_EPS):
 def l2_normalize_backward(cache, grad_out):
     """dL/dx = (g - y <y, g>) / ||x|| where the norm exceeds eps, else g / eps."""
     y, denom, active = cache
-    g = np.asarray(grad_out, dtype=y.dtype)
+    g = V.grad_out(grad_out, y.shape, y.dtype)
     radial = np.sum(y * g, axis=-1, keepdims=True) * active
     return ((g - y * radial) / denom,)
 

@@ -183,7 +183,7 @@ def proto_nce_forward(q, k, queue, prototypes, assignments, phis, *, temperature
         terms.append(np.mean(lse - np.diagonal(logits)))
         proto_cache.append((sel, prob))
     loss_proto = np.mean(terms) if terms else 0.0
-    loss = q.dtype.type(loss_inst + loss_proto)
+    loss = V.finite_output(q.dtype.type(loss_inst + loss_proto), "proto_nce", temperature=tau)
     cache = {"qh": qh, "cq": cq, "kh": kh, "queueh": queueh, "inst_prob": inst_prob, "tau": tau, "proto": proto_cache,
              "negative_indices": neg, "instance_loss": q.dtype.type(loss_inst),
              "prototype_losses": np.asarray(terms, dtype=q.dtype)}
@@ -192,8 +192,8 @@ def proto_nce_forward(q, k, queue, prototypes, assignments, phis, *, temperature
 
 def proto_nce_backward(cache, grad_out):
     """dL/dq^ = sum over logit matrices of (softmax - target)/N times the column vectors; then L2 backward."""
-    g = float(grad_out)
     qh = cache["qh"]
+    g = float(V.grad_out(grad_out, (), qh.dtype))
     n = qh.shape[0]
     gi = cache["inst_prob"].copy()
     gi[:, 0] -= 1.0

@@ -20,10 +20,13 @@ def mse_forward(x, target):
     dimensionality of data with neural networks"); PyTorch torch/nn/modules/loss.py (MSELoss).
     Backward: derivations/layers_backward.md#mse.
     """
-    V.float_array(x, "x", shape_doc="(N, ...)")
-    V.float_array(target, "target", shape_doc="(N, ...) like x")
+    V.float_array(x, "x", min_ndim=1, shape_doc="(N, ...)")
+    V.float_array(target, "target", min_ndim=1, shape_doc="(N, ...) like x")
     V.same_shape([x, target], ["x", "target"])
     V.same_dtype([x, target], ["x", "target"])
+    if x.size == 0:
+        raise ValueError(f"x must have shape (N, ...) with at least one entry (the mean of no errors is "
+                         f"undefined), got shape {x.shape}")
     d = x - target
     return x.dtype.type(np.sum(d * d) / d.size), d
 
@@ -31,9 +34,7 @@ def mse_forward(x, target):
 def mse_backward(cache, grad_out):
     """dL/dx = 2 (x - target) / M; the target gets None."""
     d = cache
-    g = np.asarray(grad_out, dtype=d.dtype)
-    if g.ndim != 0:
-        raise ValueError(f"grad_out must be a scalar for the scalar loss mse, got shape {g.shape}")
+    g = V.grad_out(grad_out, (), d.dtype)
     return (d * (g * d.dtype.type(2.0 / d.size)), None)
 
 

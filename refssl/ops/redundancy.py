@@ -98,14 +98,15 @@ def _bt_forward(z1, z2, lambd, target, normalization, eps):
         mats = mats + (r1, r2)
     loss = np.sum((1 - c) ** 2) + dt(lambd) * off
     cache = (s1, s2, nc1, nc2, c, lambd, target, mats)
-    return dt(loss), cache
+    name = "barlow_twins" if target == 0 else "barlow_twins_hsic"
+    return V.finite_output(dt(loss), name, lambd=lambd, eps=eps), cache
 
 
 def _bt_backward(cache, grad_out):
     s1, s2, nc1, nc2, c, lambd, target, mats = cache
     n, d = s1.shape
     dt = s1.dtype.type
-    go = float(np.asarray(grad_out))
+    go = float(V.grad_out(grad_out, (), s1.dtype))
     # G = dL/dC: 2 lambd (C_ij - t) off the diagonal, 2 (C_ii - 1) on it.
     if mats[0] == "gram":
         k1, k2 = mats[1], mats[2]
@@ -307,7 +308,8 @@ def vicreg_forward(x, y, *, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1
     cov_term = (cx + cy) / dt(d)
     loss = dt(sim_coeff) * inv + dt(std_coeff) * var_term + dt(cov_coeff) * cov_term
     cache = (diff, xc, yc, std_x, std_y, ax, ay, m1, sim_coeff, std_coeff, cov_coeff)
-    return dt(loss), cache
+    return V.finite_output(dt(loss), "vicreg", sim_coeff=sim_coeff, std_coeff=std_coeff, cov_coeff=cov_coeff,
+                           eps=eps), cache
 
 
 def vicreg_backward(cache, grad_out):
@@ -315,7 +317,7 @@ def vicreg_backward(cache, grad_out):
     diff, xc, yc, std_x, std_y, ax, ay, m1, sim_coeff, std_coeff, cov_coeff = cache
     n, d = xc.shape
     dt = xc.dtype.type
-    go = float(np.asarray(grad_out))
+    go = float(V.grad_out(grad_out, (), xc.dtype))
     out = []
     for sign, zc, std, aux in ((1.0, xc, std_x, ax), (-1.0, yc, std_y, ay)):
         g = _offdiag_sq_grad(zc, m1, aux, go * cov_coeff / d)

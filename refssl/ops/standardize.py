@@ -78,9 +78,7 @@ def batch_standardize_forward(x, *, eps=DEFAULT_EPS):
 def batch_standardize_backward(cache, grad_out):
     """dL/dx = (g - mean_n g - y * mean_n(g * y)) / sqrt(var + eps), column-wise."""
     y, sigma = cache
-    g = np.array(grad_out, dtype=y.dtype)  # a copy: standardize_backward works in place
-    if g.shape != y.shape:
-        raise ValueError(f"grad_out must have shape {y.shape}, got {g.shape}")
+    g = V.grad_out(grad_out, y.shape, y.dtype, copy=True)  # a copy: standardize_backward works in place
     return (standardize_backward(y, sigma, g),)
 
 

@@ -79,15 +79,16 @@ def supcon_forward(z, labels, *, temperature=0.1, base_temperature=None):
     per_anchor = np.where(has, lse[:, 0] - pos_logit_sum / np.maximum(n_pos, 1), 0.0)
     loss = factor * np.mean(per_anchor)
     target = positive / np.maximum(n_pos, 1)[:, None]
-    return u.dtype.type(loss), (u, ncache, logits, lse, target, has, tau, factor, z.shape)
+    return V.finite_output(u.dtype.type(loss), "supcon", temperature=tau, base_temperature=base_temperature), (u, ncache, logits, lse, target, has, tau, factor, z.shape)
 
 
 def _backward(cache, grad_out):
     u, ncache, logits, lse, target, has, tau, factor, shape = cache
     m, dt = u.shape[0], u.dtype
+    go = float(V.grad_out(grad_out, (), dt))
     g = np.exp(logits - lse) - target  # softmax over A(i) minus the target distribution of row i
     g *= has[:, None]
-    g *= dt.type(factor * float(grad_out) / (m * tau))
+    g *= dt.type(factor * go / (m * tau))
     du = (g + g.T) @ u
     return _unstack(l2_normalize_backward(ncache, du)[0], shape), None
 
@@ -120,7 +121,7 @@ def supcon_in_forward(z, labels, *, temperature=0.1, base_temperature=None):
     loss = factor * np.mean(per_anchor)
     # gradient target: softmax restricted to the positives of the row
     target = np.where(positive, np.exp(pos_logits - lse_pos), 0.0)
-    return u.dtype.type(loss), (u, ncache, logits, lse, target, has, tau, factor, z.shape)
+    return V.finite_output(u.dtype.type(loss), "supcon_in", temperature=tau, base_temperature=base_temperature), (u, ncache, logits, lse, target, has, tau, factor, z.shape)
 
 
 def supcon_in_backward(cache, grad_out):

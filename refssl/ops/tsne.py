@@ -12,7 +12,7 @@ import numpy as np
 from .. import validation as V
 from ..numerics import log_softmax
 from ..registry import register
-from .icon_kernels import squared_distances
+from .icon_kernels import _centred_distances
 
 __all__ = ["tsne_forward", "tsne_backward", "sne_forward", "sne_backward", "joint_probabilities"]
 
@@ -53,26 +53,29 @@ def tsne_forward(y, P):
     Shapes: y (N, d) embedding; P (N, N) joint probabilities (non-negative,
     zero diagonal, summing to 1; usually symmetrised (p_{j|i} + p_{i|j}) / 2N,
     see :func:`joint_probabilities`) -> scalar.  P is a constant (slot None).
+    Squared distances are expanded on the centred embedding y - mean(y): C is
+    translation-invariant, and a shift of 1e5 then changes it only through the
+    rounding of the input itself (tests/test_precision.py).
 
     Reference: van der Maaten & Hinton, JMLR 9 (2008); Alshammari et al.
     2025, arXiv 2504.16929 (Cor. 1).  Backward: derivations/icon.md#tsne.
     """
     _check(y, P, joint=True)
     n = y.shape[0]
-    d, active = squared_distances(y, y)
+    d, active, yc, _ = _centred_distances(y, y)  # centred first: no cancellation far from the origin
     off = ~np.eye(n, dtype=bool)
     w = np.where(off, 1.0 / (1.0 + d), 0).astype(y.dtype, copy=False)
     z = w.sum()
     logq = np.where(off, -np.log1p(d), 0) - np.log(z)
     pos = P > 0
     loss = np.sum(np.where(pos, P * (np.log(np.where(pos, P, 1)) - logq), 0))
-    return y.dtype.type(loss), (y, P, w, z, active)
+    return y.dtype.type(loss), (yc, P, w, z, active)
 
 
 def tsne_backward(cache, grad_out):
     """dC/dd_ij = (P_ij - sum(P) Q_ij) w_ij; then the pairwise distance chain rule."""
     y, P, w, z, active = cache
-    g = float(grad_out)
+    g = float(V.grad_out(grad_out, (), y.dtype))
     m = (P - P.sum() * (w / z)) * w * active
     return (g * _pair_gradient(y, m)).astype(y.dtype, copy=False), None
 
@@ -95,7 +98,7 @@ def sne_forward(y, P, *, kernel="gaussian"):
     if kernel not in ("gaussian", "cauchy"):
         raise ValueError(f"kernel must be 'gaussian' or 'cauchy', got {kernel!r}")
     n = y.shape[0]
-    d, active = squared_distances(y, y)
+    d, active, yc, _ = _centred_distances(y, y)  # centred first: no cancellation far from the origin
     diag = np.eye(n, dtype=bool)
     logits = -d if kernel == "gaussian" else -np.log1p(d)
     logq = log_softmax(np.where(diag, -np.inf, logits).astype(y.dtype, copy=False), axis=1)
@@ -103,13 +106,13 @@ def sne_forward(y, P, *, kernel="gaussian"):
     pos = P > 0
     loss = np.sum(np.where(pos, P * (np.log(np.where(pos, P, 1)) - logq), 0))
     q = np.where(diag, 0, np.exp(logq))
-    return y.dtype.type(loss), (y, P, q, d, active, kernel)
+    return y.dtype.type(loss), (yc, P, q, d, active, kernel)
 
 
 def sne_backward(cache, grad_out):
     """dC/dlogits_ij = q_{j|i} rowsum(P)_i - p_{j|i}; dlogits/dd = -1 (gaussian) or -1/(1+d) (cauchy)."""
     y, P, q, d, active, kernel = cache
-    g = float(grad_out)
+    g = float(V.grad_out(grad_out, (), y.dtype))
     dlogits = q * P.sum(axis=1, keepdims=True) - P
     dd = -dlogits if kernel == "gaussian" else -dlogits / (1.0 + d)
     return (g * _pair_gradient(y, dd * active)).astype(y.dtype, copy=False), None
