@@ -138,12 +138,7 @@ class BEiT:
 
     def features(self, params, images, *, pool="mean", batch_size=512):
         """Encoder features of full images (no mask token): mean patch token or CLS (N, D)."""
-        out = []
-        pe = subdict(params, "enc")
-        for s in range(0, len(images), batch_size):
-            y = self.encoder.tokens(pe, images[s:s + batch_size])
-            out.append(y[:, 1:].mean(axis=1) if pool == "mean" else y[:, 0])
-        return np.concatenate(out, axis=0)
+        return self.encoder.features(subdict(params, "enc"), images, pool=pool, batch_size=batch_size)
 
     def predict_tokens(self, params, images, mask):
         """Argmax token at every patch (N, L) given the masked input (accuracy on masked positions)."""

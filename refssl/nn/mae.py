@@ -134,12 +134,7 @@ class MAE:
     # -- evaluation --
     def features(self, params, images, *, pool="mean", batch_size=512):
         """Encoder features of full (unmasked) images: mean of the patch tokens or the CLS token (N, D)."""
-        out = []
-        pe = subdict(params, "enc")
-        for s in range(0, len(images), batch_size):
-            y = self.encoder.tokens(pe, images[s:s + batch_size])
-            out.append(y[:, 1:].mean(axis=1) if pool == "mean" else y[:, 0])
-        return np.concatenate(out, axis=0)
+        return self.encoder.features(subdict(params, "enc"), images, pool=pool, batch_size=batch_size)
 
     def reconstruct(self, params, images, rng, *, mask_ratio=None):
         """(reconstructed images with the visible patches pasted back, mask images with 1 = removed).

@@ -345,3 +345,15 @@ class ViT(Module):
         x, _ = self.embed_patches(params, images)
         pos = self.pos_embed(params, x.dtype)
         return self.run_blocks(params, self.prepend_cls(params, x + pos[1:], pos[0]))[0]
+
+    def features(self, params, images, *, pool=None, batch_size=512):
+        """Pooled features (N, D) of full images in batches (evaluation): mean of the final patch tokens
+        (``pool="mean"``) or the final CLS token (``"cls"``); the module's own pooling by default."""
+        pool = self.pool if pool is None else pool
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        out = []
+        for s in range(0, len(images), batch_size):
+            y = self.tokens(params, images[s:s + batch_size])
+            out.append(y[:, 1:].mean(axis=1) if pool == "mean" else y[:, 0])
+        return np.concatenate(out, axis=0)
