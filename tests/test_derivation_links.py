@@ -213,9 +213,10 @@ def test_z():
 def test_collection_ignores_comments_and_skipped_tests(tmp_path):
     (tmp_path / "derivations").mkdir()
     (tmp_path / "derivations" / "probe.md").write_text(PROBE_MD, encoding="utf-8")
-    tests = tmp_path / "tests"
+    tag = uuid.uuid4().hex  # unique module and package names: nothing clashes with modules already imported
+    tests = tmp_path / f"probe_{tag}"
     tests.mkdir()
-    (tests / f"test_probe_{uuid.uuid4().hex}.py").write_text(PROBE_TESTS, encoding="utf-8")
+    (tests / f"test_probe_{tag}.py").write_text(PROBE_TESTS, encoding="utf-8")
     items = collect_items(tests, "--import-mode=importlib", "--rootdir", str(tmp_path),
                           "-W", "ignore::pytest.PytestUnknownMarkWarning")
     assert len(items) == 7  # test_b, test_c, test_d, test_e, test_f[1], test_f[2], test_z

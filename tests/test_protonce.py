@@ -264,6 +264,7 @@ def test_unequal_variances_add_a_bias_that_the_op_drops(seed):
 
 
 @pytest.mark.derivation("protonce_em.md#PE8")
+@pytest.mark.derivation("protonce_em.md#PE4")
 @given(seed=seeds)
 def test_normalised_densities_add_minus_d_over_2_log_phi(seed):
     rng = np.random.default_rng(seed)
