@@ -235,7 +235,8 @@ def test_equal_variance_gaussian_posterior_is_the_op_with_phi_sigma_squared(seed
     s = rng.permutation(n)
     for sigma2 in (0.05, 0.3, 1.7):
         exact = np.mean([_gaussian_nll(v[i], c, np.full(n, sigma2), s[i]) for i in range(n)])
-        np.testing.assert_allclose(_op_prototype_terms(v, c, np.full(n, sigma2), s[None])[0], exact, rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(_op_prototype_terms(v, c, np.full(n, sigma2), s[None])[0], exact,
+                                   rtol=1e-11, atol=1e-13)
         # writing the exponent as ||v - c||^2 / sigma^2 (no 2) gives phi = sigma^2 / 2
         no_two = np.mean([_nll(list(-np.sum((v[i] - c) ** 2, axis=1) / sigma2), s[i]) for i in range(n)])
         np.testing.assert_allclose(_op_prototype_terms(v, c, np.full(n, sigma2 / 2), s[None])[0], no_two,
@@ -259,7 +260,8 @@ def test_unequal_variances_add_a_bias_that_the_op_drops(seed):
     va, ca = _augment_for_bias(v, c)
     np.testing.assert_allclose(_op_prototype_terms(va, ca, phi / 2, s[None])[0], exact, rtol=1e-11, atol=1e-13)
     dropped = _op_prototype_terms(v, c, phi, s[None])[0]
-    np.testing.assert_allclose(dropped, np.mean([_nll(list(c @ v[i] / phi), s[i]) for i in range(n)]), rtol=1e-11, atol=1e-13)
+    plain = np.mean([_nll(list(c @ v[i] / phi), s[i]) for i in range(n)])
+    np.testing.assert_allclose(dropped, plain, rtol=1e-11, atol=1e-13)
     assert abs(dropped - exact) > 1e-6  # the bias -1/phi_j matters once the phi_j differ
 
 
@@ -300,7 +302,8 @@ def _log_vmf_normaliser(d, kappa):
 @pytest.mark.parametrize("d", [3, 16, 128])
 def test_von_mises_fisher_normaliser_in_both_regimes(d):
     nu = d / 2 - 1
-    # kappa >> D^2: log C_D + kappa - ((D-1)/2) log kappa -> -((D-1)/2) log 2 pi, first correction (4 nu^2 - 1)/(8 kappa)
+    # kappa >> D^2: log C_D + kappa - ((D-1)/2) log kappa -> -((D-1)/2) log 2 pi,
+    # with first correction (4 nu^2 - 1)/(8 kappa)
     const = -(d - 1) / 2 * np.log(2 * np.pi)
     for kappa in (100.0 * d * d, 1000.0 * d * d):
         err = _log_vmf_normaliser(d, kappa) + kappa - (d - 1) / 2 * np.log(kappa) - const
