@@ -15,6 +15,12 @@ Nothing here is a differentiable op; everything is deterministic given an
 * :func:`clustering_accuracy` -- accuracy under the best one-to-one matching
   of clusters to classes (Hungarian algorithm).
 * :func:`soft_kmeans_objective` -- the k-means objective with soft assignments.
+
+Derivations: derivations/protonce_em.md#e-step (hard EM by k-means on the
+momentum features, the average over M clusterings),
+derivations/protonce_em.md#concentration (phi, steps 1-5),
+derivations/protonce_em.md#the-em-loop (the loop); the soft k-means objective
+as a reverse I-Con loss: derivations/icon.md#kmeans.
 """
 
 from __future__ import annotations
@@ -134,6 +140,7 @@ def concentration(features, centroids, assignments, *, alpha=10.0, temperature=0
     5. (Not here: the caller L2-normalises the centroids afterwards; see :func:`e_step`.)
 
     features (n, D), centroids (k, D), assignments (n,) int -> phi (k,) float64.
+    Derivation: derivations/protonce_em.md#concentration (equations PE5, PE6).
     alpha >= 0 keeps phi finite and damps small clusters (log(Z + alpha) >= log(2 + alpha)).
     Raises ValueError if every cluster is a singleton or all points sit on their centroids (phi
     would be 0/0).
@@ -180,7 +187,9 @@ class Clusterings:
 
 def e_step(features, num_clusters, rng, *, alpha=10.0, temperature=0.2, n_init=5, max_iter=20):
     """PCL E-step: k-means with each K_m on the L2-normalised features, then concentration, then
-    normalised centroids.  features (n, D) (momentum-encoder outputs)."""
+    normalised centroids.  features (n, D) (momentum-encoder outputs).
+
+    Hard EM: one-hot assignments instead of the posterior (derivations/protonce_em.md#e-step)."""
     V.float_array(features, "features", ndim=2, shape_doc="(n, D)")
     rng = _generator(rng)
     v = l2_normalize_forward(features.astype(np.float64))[0]
@@ -223,6 +232,7 @@ def soft_kmeans_objective(x, phi):
     """sum_c sum_i phi_ic ||x_i - mu_c||^2 with mu_c = sum_i phi_ic x_i / sum_i phi_ic.
 
     With one-hot phi this is the k-means inertia of the partition.
+    Derivation: derivations/icon.md#kmeans (equation IC16).
     """
     s = phi.sum(axis=0)
     mu = (phi.T @ x) / s[:, None]

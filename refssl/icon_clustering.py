@@ -16,6 +16,8 @@ sample; evaluated by the Hungarian clustering accuracy of argmax phi.
 
 Reference: Alshammari et al., ICLR 2025, arXiv 2504.16929 (Sec. 5, Table 1,
 "Debiased InfoNCE Clustering"); ShadeAlsha/ICon model/kernel_model.py.
+Derivation (p, the loss, the gradient chain and why the route through icon's
+logits gives the same gradient): derivations/icon.md#debiased-infonce-clustering.
 """
 
 from __future__ import annotations
@@ -53,8 +55,15 @@ def supervisory_distribution(views, *, k=3, walk_steps=1):
 
     p_aug is uniform over the other views of the same sample; p_knn uniform over
     the k nearest neighbours by cosine similarity (self excluded), propagated
-    by ``walk_steps`` random-walk steps (P + ... + P^steps, 1 = no propagation).
-    p = (p_aug + p_knn) / 2 with the diagonal set to 0 and rows renormalised.
+    by ``walk_steps`` random-walk steps (P + ... + P^steps, 1 = no propagation),
+    with the diagonal set to 0 and rows renormalised; p = (p_aug + p_knn) / 2
+    (derivations/icon.md#debiased-infonce-clustering, equation IC21).
+
+    The paper's ImageNet recipe is "kNN (k = 3) + 1-step walks".  With walks of
+    length 1 counted as P itself, that is the default ``walk_steps=1``; if the
+    recipe means one step added to the kNN graph, it is ``walk_steps=2``
+    (P + P^2).  The paper text does not settle which, and the official code has
+    no propagation step, so the default keeps the first reading.
     """
     n_rows = views.shape[0]
     if n_rows % 2:
@@ -71,6 +80,10 @@ def head_loss_and_gradients(head, x, p, *, alpha=0.6, alpha_q=0.0):
     """I-Con loss of the head on rows x (R, D) against p (R, R); returns (loss, dW, db).
 
     ``alpha`` debiases p, ``alpha_q`` the cluster kernel q (see :func:`refssl.ops.icon.icon_forward`).
+    The gradient goes icon (logits log q) -> cluster_kernel -> softmax; the row
+    constant that icon's softmax adds is removed by the softmax of the head, so
+    it equals the direct chain (derivations/icon.md#debiased-infonce-clustering,
+    equations IC18, IC19).
     """
     z = x @ head.W + head.b
     phi = softmax(z, axis=1)
@@ -94,7 +107,8 @@ def fit_clustering_head(x, num_clusters, rng, *, labels=None, alpha=0.6, alpha_q
 
     Each step draws a batch of B samples, makes two views x + noise N(0, 1)
     (stacked view-major, 2B rows), builds p with :func:`supervisory_distribution`
-    and descends the I-Con loss.  Adam (beta = 0.9, 0.999), constant ``lr``.
+    (``k`` neighbours, ``walk_steps`` as documented there) and descends the
+    I-Con loss.  Adam (beta = 0.9, 0.999), constant ``lr``.
     Returns (head, history); with ``labels`` the history holds the Hungarian
     accuracy of argmax phi on the clean features after every epoch.
     """

@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from refssl import registry
 from refssl.clustering import soft_kmeans_objective
-from refssl.icon_clustering import ClusteringHead, fit_clustering_head, head_loss_and_gradients
+from refssl.icon_clustering import (ClusteringHead, fit_clustering_head, head_loss_and_gradients,
+                                    supervisory_distribution)
 from refssl.ops.icon import debias
 from refssl.ops.icon_kernels import (augmentation_kernel, hard_cluster_kernel, knn_kernel, label_kernel,
                                      propagate)
@@ -122,19 +124,71 @@ def test_debiasing_q_against_loops(seed):
         ICON.forward(p, logits, alpha_q=1.0, mask_diagonal=mask)
 
 
+@pytest.mark.derivation("icon.md#IC17")
+@given(seed=seeds, mask=st.booleans())
+def test_debiased_q_logit_gradient_formula(seed, mask):
+    """(IC17) gradient: (q_ik sum_j p~_ij w_ij - p~_ik w_ik)/N with w = (1 - alpha_q) q / q~ in (0, 1)."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 6))
+    m = n if mask else int(rng.integers(2, 6))  # >= 2 admissible columns (with one, q = 1: nothing to debias)
+    p = _stochastic(rng, n, m, mask)
+    logits = 4 * rng.standard_normal((n, m))
+    alpha, alpha_q = float(rng.uniform(0, 0.9)), float(rng.uniform(0.01, 0.9))
+    g = float(rng.uniform(-2, 2))
+    _, cache = ICON.forward(p, logits, alpha=alpha, alpha_q=alpha_q, mask_diagonal=mask)
+    grad = ICON.backward(cache, g)[1]
+    q = _q(logits, mask)
+    qt = (1 - alpha_q) * q + alpha_q / ((m - 1) if mask else m)
+    w = np.where(q > 0, (1 - alpha_q) * q / qt, 0)
+    assert np.all((w >= 0) & (w < 1))
+    pt = _debiased(p, alpha, mask)
+    expected = g * (q * np.sum(pt * w, axis=1, keepdims=True) - pt * w) / n
+    _close(grad, expected)
+    # the debiasing of q changes the gradient (w < 1): the plain (q - p~)/N is a different value
+    assert np.abs(grad - g * (q - pt) / n).max() > 1e-6 * max(1.0, abs(g))
+
+
+def _debiased(p, alpha, mask):
+    """p~ = (1 - alpha) p + alpha u, u uniform over the admissible columns (j != i when masked), written out."""
+    n, m = p.shape
+    if mask:
+        return ((1 - alpha) * p + alpha / (m - 1)) * (1 - np.eye(n))
+    return (1 - alpha) * p + alpha / m
+
+
+def _q(logits, mask):
+    lg = np.where(np.eye(*logits.shape, dtype=bool), -np.inf, logits) if mask else logits
+    q = np.exp(lg - lg.max(axis=1, keepdims=True))
+    return q / q.sum(axis=1, keepdims=True)
+
+
 @pytest.mark.derivation("icon.md#IC2")
-def test_logit_gradient_is_q_minus_p_over_n():
-    rng = np.random.default_rng(0)
-    p = _stochastic(rng, 5, 5, True)
-    logits = rng.standard_normal((5, 5))
-    loss, cache = ICON.forward(p, logits, alpha=0.2)
-    g = ICON.backward(cache, np.asarray(1.0))[1]
-    lg = np.where(np.eye(5, dtype=bool), -np.inf, logits)
-    q = np.exp(lg - lg.max(1, keepdims=True))
-    q /= q.sum(1, keepdims=True)
-    pt = 0.8 * p + 0.2 / 4 * (1 - np.eye(5))
-    _close(g, (q - pt) / 5)
-    assert np.all(np.diag(g) == 0)
+@given(seed=seeds, mask=st.booleans(), normalised=st.booleans())
+def test_logit_gradient_is_q_times_row_mass_minus_p_over_n(seed, mask, normalised):
+    """(IC2) with r_i = sum_j p~_ij: (q r - p~)/N; rows need not sum to 1 (a learned p), and a zero row with
+    alpha = 0 contributes nothing."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 7))
+    m = n if mask else int(rng.integers(1, 7))
+    p = rng.random((n, m)) * rng.uniform(0.2, 3.0, (n, 1))
+    if mask:
+        p[np.diag_indices(n)] = 0
+    if normalised:
+        p /= p.sum(axis=1, keepdims=True)
+    alpha = float(rng.choice([0.0, rng.uniform(0, 0.9)]))
+    if alpha == 0:
+        p[0] = 0
+    logits = 3 * rng.standard_normal((n, m))
+    g = float(rng.uniform(-2, 2))
+    _, cache = ICON.forward(p, logits, alpha=alpha, mask_diagonal=mask)
+    grad = ICON.backward(cache, np.asarray(g))[1]
+    pt = _debiased(p, alpha, mask)
+    q = _q(logits, mask)
+    _close(grad, g * (q * pt.sum(axis=1, keepdims=True) - pt) / n)
+    if mask:
+        assert np.all(np.diag(grad) == 0)
+    if alpha == 0:
+        assert np.all(grad[0] == 0)
 
 
 class _LearnedP:
@@ -153,7 +207,6 @@ class _LearnedP:
         return ICON.backward(cache, g)
 
 
-@pytest.mark.derivation("icon.md#IC3")
 @pytest.mark.parametrize("alpha", [0.0, 0.4])
 def test_gradient_w_r_t_learned_p(alpha):
     rng = np.random.default_rng(1)
@@ -173,6 +226,30 @@ def test_gradient_w_r_t_learned_p(alpha):
         fd = (ICON(p + e, logits, alpha=alpha) - ICON(p - e, logits, alpha=alpha)) / (2 * h)
         assert abs(fd - dp[i, j]) < 1e-7 * max(1, abs(fd))
     assert ICON.backward(ICON.forward(p, logits)[1], 1.0)[0] is None
+
+
+@pytest.mark.derivation("icon.md#IC3")
+@given(seed=seeds, mask=st.booleans(), debias_q=st.booleans())
+def test_learned_p_gradient_formula(seed, mask, debias_q):
+    """(IC3): (1 - alpha)(log p~ + 1 - log q~)/N on the support of p~, 0 elsewhere (and on a masked diagonal)."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 6))
+    m = n if mask else int(rng.integers(2, 6))
+    p = _stochastic(rng, n, m, mask)
+    p[0, -1] = 0  # a zero entry: outside the support when alpha = 0
+    logits = 2 * rng.standard_normal((n, m))
+    alpha = float(rng.choice([0.0, rng.uniform(0.05, 0.9)]))
+    alpha_q = float(rng.uniform(0.05, 0.9)) if debias_q else 0.0
+    g = float(rng.uniform(-2, 2))
+    _, cache = ICON.forward(p, logits, alpha=alpha, alpha_q=alpha_q, mask_diagonal=mask, learn_p=True)
+    dp = ICON.backward(cache, g)[0]
+    pt = _debiased(p, alpha, mask)
+    cols = (m - 1) if mask else m
+    qt = (1 - alpha_q) * _q(logits, mask) + alpha_q / cols
+    support = pt > 0
+    log_qt = np.log(np.where(support, qt, 1))  # a masked diagonal has q~ = 0 and p~ = 0
+    expected = np.where(support, g * (1 - alpha) * (np.log(np.where(support, pt, 1)) + 1 - log_qt) / n, 0)
+    _close(dp, expected)
 
 
 @pytest.mark.derivation("icon.md#IC4")
@@ -271,6 +348,31 @@ def test_student_t_gradient_with_coincident_points():
         logits, cache = STUDENT.forward(x, y, nu=nu)
         gx, gy = STUDENT.backward(cache, rng.standard_normal(logits.shape))
         assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gy))
+
+
+@pytest.mark.derivation("icon.md#IC22")
+@pytest.mark.parametrize("nu", [0.5, 0.75, 1.0, 2.0])
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_student_t_at_coincident_points(nu, gamma):
+    """Lambda = -log(1 + (d/gamma)^nu) ~ -|x - y|^(2 nu) / gamma^nu: at x = y the one-sided derivative along a unit
+    direction is -1/sqrt(gamma) for nu = 1/2 (a cone: not differentiable) and 0 for nu > 1/2; the op returns 0."""
+    rng = np.random.default_rng(12)
+    y = rng.standard_normal((1, 3))
+    x = y.copy()
+    _, cache = STUDENT.forward(x, y, gamma=gamma, nu=nu)
+    gx, gy = STUDENT.backward(cache, np.ones((1, 1)))
+    assert np.all(gx == 0) and np.all(gy == 0)
+    direction = _unit(rng.standard_normal(3))
+    for h in (1e-4, 1e-6):
+        for sign in (1, -1):
+            step = float(STUDENT(x + sign * h * direction, y, gamma=gamma, nu=nu)[0, 0]) / h
+            written = -(h ** (2 * nu)) / gamma**nu / h
+            assert step == pytest.approx(written, rel=1e-3, abs=1e-12)
+            if nu == 0.5:
+                assert step == pytest.approx(-1 / math.sqrt(gamma), rel=1e-3)  # the same in both directions
+            else:
+                assert abs(step) < 0.05
+    # the returned 0 lies in the generalised gradient of the cone (the ball of radius 1/sqrt(gamma))
 
 
 @pytest.mark.derivation("icon.md#IC6")
@@ -506,6 +608,123 @@ def test_reverse_kl_gradient_w_r_t_soft_assignments():
 # ---------------------------------------------------------------------------------------------
 # Debiased InfoNCE Clustering
 # ---------------------------------------------------------------------------------------------
+
+def _head_gradient_as_written(head, x, p, alpha, alpha_q):
+    """(IC18): qbar = -(1 - alpha_q) p~ / (R q~), the cluster-kernel backward, the softmax backward, then W and b."""
+    r = len(x)
+    z = x @ head.W + head.b
+    phi = _softmax(z)
+    s = phi.sum(axis=0)
+    q = (phi / s) @ phi.T
+    pt = (1 - alpha) * p + alpha / r
+    qt = (1 - alpha_q) * q + alpha_q / r
+    loss = np.sum(pt * np.log(pt / qt)) / r
+    qbar = -(1 - alpha_q) * pt / (r * qt)
+    dphi = (qbar + qbar.T) @ phi / s - np.einsum("ij,ic,jc->c", qbar, phi, phi) / s**2
+    dz = phi * (dphi - np.sum(phi * dphi, axis=1, keepdims=True))
+    return loss, x.T @ dz, dz.sum(axis=0)
+
+
+@pytest.mark.derivation("icon.md#IC18")
+@given(seed=seeds)
+def test_clustering_head_gradient_is_the_written_chain(seed):
+    rng = np.random.default_rng(seed)
+    r, d, c = 2 * int(rng.integers(2, 6)), int(rng.integers(2, 5)), int(rng.integers(2, 5))
+    x = rng.standard_normal((r, d))
+    head = ClusteringHead(rng.standard_normal((d, c)), rng.standard_normal(c))
+    p = supervisory_distribution(x, k=int(rng.integers(1, 3)), walk_steps=int(rng.integers(1, 3)))
+    alpha, alpha_q = float(rng.uniform(0.05, 0.9)), float(rng.choice([0.0, rng.uniform(0.05, 0.9)]))
+    got = head_loss_and_gradients(head, x, p, alpha=alpha, alpha_q=alpha_q)
+    for a, b in zip(got, _head_gradient_as_written(head, x, p, alpha, alpha_q)):
+        _close(a, b)
+
+
+@pytest.mark.derivation("icon.md#IC19")
+@given(seed=seeds)
+def test_row_constant_of_the_icon_route_is_annihilated_by_the_softmax(seed):
+    """icon's G / q = qbar + c 1^T; the cluster kernel maps c 1^T to c_a in every entry of row a of dL/dphi, and
+    the softmax backward phi o (v - <v, phi>) removes it."""
+    rng = np.random.default_rng(seed)
+    r, cc = int(rng.integers(2, 8)), int(rng.integers(2, 5))
+    phi = _softmax(rng.standard_normal((r, cc)))
+    cvec = rng.standard_normal(r)
+    logq, cache = CLUSTER.forward(phi)
+    q = np.exp(logq)
+    (dphi,) = CLUSTER.backward(cache, cvec[:, None] * q)  # G = c_i q_ij, i.e. dL/dq = c_i
+    _close(dphi, np.repeat(cvec[:, None], cc, axis=1))
+    _close(phi * (dphi - np.sum(phi * dphi, axis=1, keepdims=True)), np.zeros_like(phi))
+    # and on the logit route of icon: G / q - qbar is that row constant, c_i = sum_j p~_ij w_ij / R
+    p = _stochastic(rng, r, r, False)
+    alpha, alpha_q = float(rng.uniform(0.05, 0.9)), float(rng.uniform(0.05, 0.9))
+    _, ci = ICON.forward(p, logq, alpha=alpha, alpha_q=alpha_q, mask_diagonal=False)
+    g_over_q = ICON.backward(ci, 1.0)[1] / q
+    pt = (1 - alpha) * p + alpha / r
+    qt = (1 - alpha_q) * q + alpha_q / r
+    qbar = -(1 - alpha_q) * pt / (r * qt)
+    c_expected = np.sum(pt * (1 - alpha_q) * q / qt, axis=1) / r
+    _close(g_over_q - qbar, np.repeat(c_expected[:, None], r, axis=1))
+
+
+@pytest.mark.derivation("icon.md#IC20")
+@given(seed=seeds, hardness=st.floats(0.0, 30.0))
+def test_debiasing_q_bounds_the_loss(seed, hardness):
+    rng = np.random.default_rng(seed)
+    r, cc = 2 * int(rng.integers(2, 5)), int(rng.integers(2, 4))
+    x = rng.standard_normal((r, 3))
+    p = supervisory_distribution(x, k=1)
+    head = ClusteringHead(hardness * rng.standard_normal((3, cc)), np.zeros(cc))  # large weights: near one-hot phi
+    alpha, alpha_q = float(rng.uniform(0.05, 0.9)), float(rng.uniform(0.05, 0.9))
+    pt = (1 - alpha) * p + alpha / r
+    entropy = -np.sum(pt * np.log(pt)) / r
+    loss = head_loss_and_gradients(head, x, p, alpha=alpha, alpha_q=alpha_q)[0]
+    assert loss <= math.log(r / alpha_q) - entropy + 1e-12
+
+
+@pytest.mark.derivation("icon.md#IC20")
+def test_without_debiasing_q_hard_assignments_cost_without_bound():
+    """alpha > 0, alpha_q = 0: as the head hardens (W = h W0) the pairs in different clusters get q -> 0 against
+    p~ >= alpha / R, and the loss grows linearly in h; with alpha_q = 0.3 it stays below the bound (IC20)."""
+    rng = np.random.default_rng(0)
+    r, alpha = 8, 0.3
+    x = rng.standard_normal((r, 3))
+    p = supervisory_distribution(x, k=1)
+    w0 = rng.standard_normal((3, 3))
+    assert len(set((x @ w0).argmax(axis=1))) > 1  # at least two clusters
+    pt = (1 - alpha) * p + alpha / r
+    bound = math.log(r / 0.3) + np.sum(pt * np.log(pt)) / r
+    hard = [head_loss_and_gradients(ClusteringHead(h * w0, np.zeros(3)), x, p, alpha=alpha)[0] for h in (16, 32, 64)]
+    assert hard[1] > 1.8 * hard[0] and hard[2] > 1.8 * hard[1] and hard[2] > 5 * bound
+    for h in (16, 32, 64):
+        assert head_loss_and_gradients(ClusteringHead(h * w0, np.zeros(3)), x, p, alpha=alpha, alpha_q=0.3)[0] <= bound
+
+
+@pytest.mark.derivation("icon.md#IC21")
+@given(seed=seeds, walk_steps=st.integers(1, 3), k=st.integers(1, 3))
+def test_supervisory_distribution_is_the_written_average(seed, walk_steps, k):
+    rng = np.random.default_rng(seed)
+    b = int(rng.integers(3, 7))
+    views = rng.standard_normal((2 * b, 4))
+    p = supervisory_distribution(views, k=k, walk_steps=walk_steps)
+    r = 2 * b
+    aug = np.zeros((r, r))
+    for i in range(r):
+        aug[i, (i + b) % r] = 1.0
+    u = views / np.linalg.norm(views, axis=1, keepdims=True)
+    sim = u @ u.T
+    np.fill_diagonal(sim, -np.inf)
+    knn = np.zeros((r, r))
+    for i in range(r):
+        for j in np.argsort(-sim[i], kind="stable")[:k]:
+            knn[i, j] = 1.0 / k
+    walk = sum(np.linalg.matrix_power(knn, s) for s in range(1, walk_steps + 1))
+    np.fill_diagonal(walk, 0)
+    walk /= walk.sum(axis=1, keepdims=True)
+    _close(p, 0.5 * (aug + walk))
+    _close(p.sum(axis=1), np.ones(r))
+    assert np.all(np.diag(p) == 0)
+    if walk_steps == 1:
+        _close(p, 0.5 * (aug + knn))  # the default, one step: the kNN kernel itself
+
 
 def test_clustering_head_gradient_against_finite_differences():
     rng = np.random.default_rng(11)

@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 from hypothesis import given
+from scipy import special, stats
 
 from refssl import registry
 from refssl.clustering import (clustering_accuracy, concentration, e_step, kmeans, protonce_em)
@@ -184,25 +185,164 @@ def _gaussian_nll(v, c, sigma2, s):
     return _nll(list(logits), s)
 
 
+def _op_prototype_terms(q, protos, phis, assignments):
+    """The prototype terms of the proto_nce op when every clustering has N clusters and the N samples are assigned
+    to distinct clusters (assignments (M, N), each row a permutation) with no sampled negatives: the columns of
+    each row are then all prototypes of the clustering, and the term is the full-softmax cross-entropy."""
+    m, n = assignments.shape
+    queue = _unit(np.ones((1, q.shape[1])))
+    _, cache = OP.forward(q, q, queue, protos, assignments, phis, num_clusters=[n] * m,
+                          negative_indices=np.zeros((m, 0), np.int64))
+    return cache["prototype_losses"]
+
+
+def _augment_for_bias(v, c):
+    """[v, 1]/sqrt2 and [c, -1]/sqrt2: unit vectors whose inner product is (v.c - 1)/2 = -||v - c||^2/4."""
+    one = np.ones((len(v), 1))
+    return np.hstack([v, one]) / np.sqrt(2), np.hstack([c, -np.ones((len(c), 1))]) / np.sqrt(2)
+
+
+def _mixture_log_joint(v, c, sigma2):
+    """log p(x_i, c_j) = log(1/k) + log N(v_i; c_j, sigma2_j I): a normalised Gaussian mixture (scipy densities)."""
+    k = len(c)
+    return np.stack([stats.multivariate_normal(c[j], sigma2[j] * np.eye(v.shape[1])).logpdf(v) for j in range(k)],
+                    axis=1) - np.log(k)
+
+
+@pytest.mark.derivation("protonce_em.md#PE1")
+@given(seed=seeds)
+def test_hard_estep_gap_is_the_op_prototype_loss(seed):
+    """Equal-variance Gaussian mixture: log-likelihood minus the hard-Q ELBO is N times proto_nce's prototype term."""
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(2, 7)), int(rng.integers(2, 5))
+    v, c = _unit(rng.standard_normal((n, d))), _unit(rng.standard_normal((n, d)))
+    sigma2 = float(rng.uniform(0.1, 1.0))
+    log_joint = _mixture_log_joint(v, c, np.full(n, sigma2))
+    loglik = np.sum(np.logaddexp.reduce(log_joint, axis=1))
+    s = rng.permutation(n)
+    hard_elbo = np.sum(log_joint[np.arange(n), s])  # one-hot Q: the entropy term is 0
+    assert hard_elbo <= loglik
+    proto = _op_prototype_terms(v, c, np.full(n, sigma2), s[None])[0]
+    np.testing.assert_allclose(loglik - hard_elbo, n * proto, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.derivation("protonce_em.md#PE3")
-def test_equal_variance_gaussian_posterior_is_protonce_with_phi_sigma_squared():
-    rng = np.random.default_rng(2)
-    v, c = _unit(rng.standard_normal(5)), _unit(rng.standard_normal((7, 5)))
+@given(seed=seeds)
+def test_equal_variance_gaussian_posterior_is_the_op_with_phi_sigma_squared(seed):
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(2, 8)), int(rng.integers(2, 6))
+    v, c = _unit(rng.standard_normal((n, d))), _unit(rng.standard_normal((n, d)))
+    s = rng.permutation(n)
     for sigma2 in (0.05, 0.3, 1.7):
-        for s in range(7):
-            proto = _nll(list(c @ v / sigma2), s)
-            np.testing.assert_allclose(_gaussian_nll(v, c, np.full(7, sigma2), s), proto, rtol=1e-12)
+        exact = np.mean([_gaussian_nll(v[i], c, np.full(n, sigma2), s[i]) for i in range(n)])
+        np.testing.assert_allclose(_op_prototype_terms(v, c, np.full(n, sigma2), s[None])[0], exact,
+                                   rtol=1e-11, atol=1e-13)
+        # writing the exponent as ||v - c||^2 / sigma^2 (no 2) gives phi = sigma^2 / 2
+        no_two = np.mean([_nll(list(-np.sum((v[i] - c) ** 2, axis=1) / sigma2), s[i]) for i in range(n)])
+        np.testing.assert_allclose(_op_prototype_terms(v, c, np.full(n, sigma2 / 2), s[None])[0], no_two,
+                                   rtol=1e-11, atol=1e-13)
 
 
 @pytest.mark.derivation("protonce_em.md#PE4")
-def test_unequal_variances_add_a_per_prototype_bias():
-    rng = np.random.default_rng(3)
-    v, c = _unit(rng.standard_normal(5)), _unit(rng.standard_normal((7, 5)))
-    phi = rng.uniform(0.1, 0.5, 7)
-    for s in range(7):
-        exact = _gaussian_nll(v, c, phi, s)
-        np.testing.assert_allclose(exact, _nll(list(c @ v / phi - 1 / phi), s), rtol=1e-12)
-        assert abs(exact - _nll(list(c @ v / phi), s)) > 1e-3  # ProtoNCE drops the bias
+@given(seed=seeds)
+def test_unequal_variances_add_a_bias_that_the_op_drops(seed):
+    """The exact NLL of the prototype-normalised model has logits v.c/phi - 1/phi (PE4).  The op reproduces it on
+    augmented unit vectors ([v, 1] / sqrt2 . [c, -1] / sqrt2 = (v.c - 1) / 2, with phi / 2) and drops the bias on
+    the plain ones."""
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(3, 8)), int(rng.integers(2, 6))
+    v, c = _unit(rng.standard_normal((n, d))), _unit(rng.standard_normal((n, d)))
+    phi = rng.uniform(0.1, 0.5, n)
+    s = rng.permutation(n)
+    exact = np.mean([_gaussian_nll(v[i], c, phi, s[i]) for i in range(n)])
+    written = np.mean([_nll(list(c @ v[i] / phi - 1 / phi), s[i]) for i in range(n)])
+    np.testing.assert_allclose(written, exact, rtol=1e-12, atol=1e-14)
+    va, ca = _augment_for_bias(v, c)
+    np.testing.assert_allclose(_op_prototype_terms(va, ca, phi / 2, s[None])[0], exact, rtol=1e-11, atol=1e-13)
+    dropped = _op_prototype_terms(v, c, phi, s[None])[0]
+    plain = np.mean([_nll(list(c @ v[i] / phi), s[i]) for i in range(n)])
+    np.testing.assert_allclose(dropped, plain, rtol=1e-11, atol=1e-13)
+    assert abs(dropped - exact) > 1e-6  # the bias -1/phi_j matters once the phi_j differ
+
+
+@pytest.mark.derivation("protonce_em.md#PE8")
+@pytest.mark.derivation("protonce_em.md#PE4")
+@given(seed=seeds)
+def test_normalised_densities_add_minus_d_over_2_log_phi(seed):
+    rng = np.random.default_rng(seed)
+    k, d = int(rng.integers(2, 7)), int(rng.integers(2, 9))
+    v, c = _unit(rng.standard_normal((3, d))), _unit(rng.standard_normal((k, d)))
+    phi = rng.uniform(0.05, 0.6, k)
+    log_joint = _mixture_log_joint(v, c, phi)  # N(c_j, phi_j I), normalised in R^D
+    reference = log_joint - np.logaddexp.reduce(log_joint, axis=1, keepdims=True)
+
+    def log_softmax(z):
+        return z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+
+    written = v @ c.T / phi - 1 / phi - d / 2 * np.log(phi)
+    np.testing.assert_allclose(log_softmax(written), reference, rtol=1e-10, atol=1e-10)
+    # without the normaliser (PE4) the posterior is a different one
+    assert np.abs(log_softmax(v @ c.T / phi - 1 / phi) - reference).max() > 1e-6
+    # b(phi) = -1/phi - (D/2) log phi: b' = (2 - D phi) / (2 phi^2), positive below 2/D, negative above
+    b = lambda f: -1 / f - d / 2 * np.log(f)  # noqa: E731
+    for f in (0.3 / d, 1.0 / d, 3.0 / d, 0.2):
+        h = 1e-6 * f
+        slope = (b(f + h) - b(f - h)) / (2 * h)
+        np.testing.assert_allclose(slope, (2 - d * f) / (2 * f * f), rtol=1e-6)
+        assert (slope > 0) == (f < 2 / d)
+
+
+def _log_vmf_normaliser(d, kappa):
+    """log C_D(kappa) = (D/2 - 1) log kappa - (D/2) log 2 pi - log I_{D/2-1}(kappa), via the scaled Bessel ive."""
+    nu = d / 2 - 1
+    return nu * np.log(kappa) - d / 2 * np.log(2 * np.pi) - (np.log(special.ive(nu, kappa)) + kappa)
+
+
+@pytest.mark.derivation("protonce_em.md#PE8")
+@pytest.mark.parametrize("d", [3, 16, 128])
+def test_von_mises_fisher_normaliser_in_both_regimes(d):
+    nu = d / 2 - 1
+    # kappa >> D^2: log C_D + kappa - ((D-1)/2) log kappa -> -((D-1)/2) log 2 pi,
+    # with first correction (4 nu^2 - 1)/(8 kappa)
+    const = -(d - 1) / 2 * np.log(2 * np.pi)
+    for kappa in (100.0 * d * d, 1000.0 * d * d):
+        err = _log_vmf_normaliser(d, kappa) + kappa - (d - 1) / 2 * np.log(kappa) - const
+        assert abs(err) <= 1.01 * (4 * nu * nu - 1) / (8 * kappa) + 1e-9
+    # kappa << D: log C_D(kappa) = const' - kappa^2 / (2D) + O(kappa^4 / D^3)
+    if d >= 16:
+        k0 = 1e-2
+        for kappa in (0.5, 1.0, 2.0):
+            err = _log_vmf_normaliser(d, kappa) - _log_vmf_normaliser(d, k0) + (kappa**2 - k0**2) / (2 * d)
+            assert abs(err) <= kappa**4 / d**3
+    if d == 128:
+        # PCL's regime (phi = 0.2, kappa = 5, D = 128): the vMF bias log C_D(1/phi) is small and increasing in phi
+        # (the sign of (PE4)), while the Gaussian bias -1/phi - (D/2) log phi is large and decreasing
+        h = 1e-6
+        vmf = (_log_vmf_normaliser(d, 1 / (0.2 + h)) - _log_vmf_normaliser(d, 1 / (0.2 - h))) / (2 * h)
+        gauss = (2 - d * 0.2) / (2 * 0.2**2)
+        np.testing.assert_allclose(vmf, 1 / (d * 0.2**3), rtol=0.02)  # d/dphi of -1/(2 D phi^2)
+        assert vmf > 0 > gauss
+        assert abs(_log_vmf_normaliser(d, 5.0) - _log_vmf_normaliser(d, 2.5)) < 0.1  # a factor 2 in phi: < 0.1 nat
+
+
+@pytest.mark.derivation("protonce_em.md#PE9")
+@given(seed=seeds)
+def test_average_over_clusterings_bounds_the_average_log_likelihood(seed):
+    rng = np.random.default_rng(seed)
+    n, d, m = int(rng.integers(2, 6)), int(rng.integers(2, 5)), int(rng.integers(1, 4))
+    v = _unit(rng.standard_normal((n, d)))
+    protos = _unit(rng.standard_normal((m * n, d)))
+    sigma2 = rng.uniform(0.1, 1.0, m)  # one equal-variance mixture per granularity
+    phis = np.repeat(sigma2, n)
+    assign = np.stack([rng.permutation(n) for _ in range(m)])
+    lhs, rhs = 0.0, 0.0
+    for j in range(m):
+        log_joint = _mixture_log_joint(v, protos[j * n:(j + 1) * n], np.full(n, sigma2[j]))
+        lhs += np.sum(log_joint[np.arange(n), assign[j]]) / m
+        rhs += np.sum(np.logaddexp.reduce(log_joint, axis=1)) / m
+    assert lhs <= rhs
+    terms = _op_prototype_terms(v, protos, phis, assign)
+    np.testing.assert_allclose(rhs - lhs, n * np.mean(terms), rtol=1e-10, atol=1e-12)  # the op averages the M terms
 
 
 def _official_concentration(x, centroids, im2cluster, alpha, temperature):
@@ -253,18 +393,52 @@ def test_concentration_formula_on_equidistant_clusters():
     np.testing.assert_allclose(phi, raw / raw.mean(), rtol=1e-12)
 
 
+def _steps_of_pe6(x, cents, assign, alpha, tau):
+    """(PE5) then (PE6) as written: singleton rule before the percentile clip, then the rescale to mean tau."""
+    k = len(cents)
+    size = np.array([np.sum(assign == c) for c in range(k)])
+    phi1 = np.array([np.linalg.norm(x[assign == c] - cents[c], axis=1).sum() / (size[c] * np.log(size[c] + alpha))
+                     if size[c] > 1 else np.nan for c in range(k)])
+    phi2 = np.where(size > 1, phi1, np.nanmax(phi1))
+    phi3 = np.clip(phi2, np.percentile(phi2, 10), np.percentile(phi2, 90))
+    return tau * phi3 / phi3.mean(), phi1, size
+
+
 @pytest.mark.derivation("protonce_em.md#PE6")
-def test_concentration_mean_is_the_temperature_and_singletons_get_the_max():
+@given(seed=seeds)
+def test_concentration_steps_singleton_rule_before_the_clip(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(4, 12))
+    n_single = int(rng.integers(1, 3))
+    sizes = np.concatenate([rng.integers(2, 7, k - n_single - 1), np.ones(n_single, int), [0]])  # one empty
+    assign = np.repeat(np.arange(k), sizes)
+    x = rng.standard_normal((len(assign), 3))
+    cents = rng.standard_normal((k, 3))
+    tau = float(rng.uniform(0.05, 1.0))
+    phi = concentration(x, cents, assign, alpha=10, temperature=tau)
+    expected, phi1, size = _steps_of_pe6(x, cents, assign, 10, tau)
+    np.testing.assert_allclose(phi, expected, rtol=1e-12)
+    assert abs(phi.mean() - tau) < 1e-14
+    # singletons and the empty cluster share one value: the pre-clip maximum after the clip
+    np.testing.assert_allclose(phi[size <= 1], phi[size <= 1][0], rtol=0)
+    # the order matters: assigning the maximum after clipping the multi-member clusters alone gives other values
+    # whenever the singletons move the percentiles
+    multi = phi1[size > 1]
+    clipped = np.clip(multi, np.percentile(multi, 10), np.percentile(multi, 90))
+    other = np.empty(k)
+    other[size > 1], other[size <= 1] = clipped, clipped.max()
+    other = tau * other / other.mean()
+    moved = (np.percentile(np.where(size > 1, phi1, np.nanmax(phi1)), [10, 90])
+             != np.percentile(multi, [10, 90])).any()
+    if moved:
+        assert np.abs(other - phi).max() > 1e-12
+
+
+def test_concentration_needs_a_multi_member_cluster():
     rng = np.random.default_rng(6)
-    x = rng.standard_normal((30, 3))
-    assign = np.concatenate([np.repeat(np.arange(5), 5), [5, 6, 7, 8, 9]])  # 5 singletons
-    cents = rng.standard_normal((10, 3))
-    phi = concentration(x, cents, assign, alpha=10, temperature=0.2)
-    assert abs(phi.mean() - 0.2) < 1e-15
-    raw = concentration(x, cents, assign, alpha=10, temperature=0.2)
-    assert np.all(raw[5:] == raw.max())  # singletons: the max of step 2, which survives the 90% clip
+    x, cents = rng.standard_normal((3, 3)), rng.standard_normal((3, 3))
     with pytest.raises(ValueError, match="more than one member"):
-        concentration(x[:3], cents[:3], np.arange(3))
+        concentration(x, cents, np.arange(3))
 
 
 @pytest.mark.derivation("protonce_em.md#PE7")

@@ -11,7 +11,8 @@ import math
 import numpy as np
 import pytest
 from hypothesis import given
-from scipy import stats
+from hypothesis import strategies as st
+from scipy import integrate, stats
 
 from refssl import registry
 from refssl.ops import redundancy
@@ -174,10 +175,10 @@ def test_gaussian_ib_matches_slogdet(n, d, standardize):
 
 
 # --------------------------------------------------------------------------------------------------------
-# backward passes of the derivation, on configurations beyond the registry example
+# backward passes against central differences, on configurations beyond the registry example (the tagged
+# formulas themselves are evaluated as written further below)
 # --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.derivation("ib_connection.md#BS1")
 @pytest.mark.parametrize("eps", [1e-5, 0.5])
 def test_batch_standardize_backward(eps):
     rng = np.random.default_rng(1)
@@ -185,14 +186,12 @@ def test_batch_standardize_backward(eps):
     assert_gradients("batch_standardize", (x,), {"eps": eps}, rng=rng)
 
 
-@pytest.mark.derivation("ib_connection.md#BS1")
 def test_unbiased_standardisation_backward_through_tsai_option():
     rng = np.random.default_rng(2)
     z1, z2 = _views(rng, 7, 3)
     assert_gradients("barlow_twins_hsic", (z1, z2), {"normalization": "tsai"}, rng=rng)
 
 
-@pytest.mark.derivation("ib_connection.md#BT1")
 @pytest.mark.parametrize("name", ["barlow_twins", "barlow_twins_hsic"])
 def test_barlow_backward_cross_correlation_path(name):
     rng = np.random.default_rng(3)
@@ -200,7 +199,6 @@ def test_barlow_backward_cross_correlation_path(name):
     assert_gradients(name, (z1, z2), {"lambd": 0.2}, rng=rng)
 
 
-@pytest.mark.derivation("ib_connection.md#BT2")
 @pytest.mark.parametrize("name", ["barlow_twins", "barlow_twins_hsic"])
 def test_barlow_backward_gram_path(name):
     rng = np.random.default_rng(4)
@@ -208,7 +206,6 @@ def test_barlow_backward_gram_path(name):
     assert_gradients(name, (z1, z2), {"lambd": 0.2}, rng=rng)
 
 
-@pytest.mark.derivation("ib_connection.md#BT2")
 @pytest.mark.parametrize("name", ["barlow_twins", "barlow_twins_hsic"])
 @pytest.mark.parametrize("n,d", [(4, 9), (9, 4)])
 def test_gram_and_cross_paths_agree(monkeypatch, name, n, d):
@@ -222,7 +219,6 @@ def test_gram_and_cross_paths_agree(monkeypatch, name, n, d):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.derivation("ib_connection.md#VR1")
 @pytest.mark.parametrize("n,d,batch_size", [(10, 4, None), (4, 9, None), (6, 5, 32)])
 def test_vicreg_backward(n, d, batch_size):
     rng = np.random.default_rng(6)
@@ -232,7 +228,6 @@ def test_vicreg_backward(n, d, batch_size):
     assert_gradients("vicreg", (x, y), {"batch_size": batch_size}, rng=rng)
 
 
-@pytest.mark.derivation("ib_connection.md#VR1")
 def test_vicreg_gram_and_cross_paths_agree(monkeypatch):
     x, y = _views(np.random.default_rng(8), 4, 9)
     outs = []
@@ -244,7 +239,6 @@ def test_vicreg_gram_and_cross_paths_agree(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.derivation("ib_connection.md#HS1")
 @pytest.mark.parametrize("kernel,sigma", [("linear", None), ("gaussian", 0.8), ("gaussian", 2.5)])
 def test_hsic_backward_fixed_kernels(kernel, sigma):
     rng = np.random.default_rng(9)
@@ -254,7 +248,6 @@ def test_hsic_backward_fixed_kernels(kernel, sigma):
     assert_gradients("hsic", (x, y), kw, rng=rng)
 
 
-@pytest.mark.derivation("ib_connection.md#HS2")
 @pytest.mark.parametrize("n", [5, 6, 8])  # 10, 15, 28 pairs: odd and even numbers of pairs
 def test_hsic_backward_through_median_bandwidth(n):
     rng = np.random.default_rng(10 + n)
@@ -289,7 +282,6 @@ def _frozen_bandwidth_hsic_grad(x, y, sx, sy, h=1e-6):
     return g
 
 
-@pytest.mark.derivation("ib_connection.md#GI1")
 @pytest.mark.parametrize("standardize", [True, False])
 @pytest.mark.parametrize("n,d,eps", [(9, 3, 1e-4), (4, 6, 0.05)])
 def test_gaussian_ib_backward(standardize, n, d, eps):
@@ -297,6 +289,279 @@ def test_gaussian_ib_backward(standardize, n, d, eps):
     z1, z2 = _views(rng, n, d)
     assert_gradients("gaussian_ib", (z1, z2), {"beta": 3.0, "eps": eps, "standardize_views": standardize},
                      rng=rng)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the backward formulas of derivations/ib_connection.md, evaluated as written (numpy, no refssl code) and
+# compared with the ops' backward passes
+# --------------------------------------------------------------------------------------------------------
+
+def _std(z, eps=BN_EPS, ddof=0):
+    """(z - mean) / sqrt(Var + eps) per column, Var with N - ddof: (s, sigma~)."""
+    zc = z - z.mean(axis=0)
+    sig = np.sqrt(np.sum(zc * zc, axis=0) / (len(z) - ddof) + eps)
+    return zc / sig, sig
+
+
+def _bs1(y, sig, g, delta=0):
+    """(BS1): (g - colmean(g) - y sum_n(g_n y_n) / (N - delta)) / sigma~."""
+    return (g - g.mean(axis=0) - y * np.sum(g * y, axis=0) / (len(y) - delta)) / sig
+
+
+def _bt_g(c, lambd, target):
+    """G = dL/dC: 2 (C_ii - 1) on the diagonal, 2 lambd (C_ij - t) off it."""
+    g = 2 * lambd * (c - target)
+    np.fill_diagonal(g, 2 * (np.diag(c) - 1))
+    return g
+
+
+def _backward(name, args, kwargs, g):
+    op = _op(name)
+    return op.backward(op.forward(*args, **kwargs)[1], g)
+
+
+def _shape(rng, wide):
+    d = int(rng.integers(2, 7))
+    n = int(rng.integers(2, d + 1)) if wide else int(rng.integers(d + 1, d + 8))
+    return max(n, 3), d
+
+
+@pytest.mark.derivation("ib_connection.md#BS1")
+@given(seed=seeds)
+def test_bs1_is_the_batch_standardize_backward(seed):
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(2, 9)), int(rng.integers(1, 6))
+    x = rng.standard_normal((n, d)) * rng.uniform(0.01, 10, d) + rng.standard_normal(d)
+    eps = float(rng.choice([1e-5, 0.3]))
+    g = rng.standard_normal((n, d))
+    y, sig = _std(x, eps)
+    (dx,) = _backward("batch_standardize", (x,), {"eps": eps}, g)
+    np.testing.assert_allclose(dx, _bs1(y, sig, g), rtol=1e-9, atol=1e-11 * np.abs(g).max() / sig.min())
+
+
+@pytest.mark.derivation("ib_connection.md#BT1")
+@pytest.mark.derivation("ib_connection.md#BS1")
+@given(seed=seeds)
+def test_bt1_then_bs1_is_the_barlow_backward(seed):
+    """N >= D (the cross-correlation path): (BT1) then (BS1) on each view, both targets, any upstream g."""
+    rng = np.random.default_rng(seed)
+    n, d = _shape(rng, wide=False)
+    z1, z2 = _views(rng, n, d)
+    lambd, g = float(rng.uniform(0.001, 0.5)), float(rng.uniform(-2, 2))
+    (s1, sig1), (s2, sig2) = _std(z1), _std(z2)
+    for name, target in (("barlow_twins", 0.0), ("barlow_twins_hsic", -1.0)):
+        gm = _bt_g(s1.T @ s2 / n, lambd, target)
+        ds1, ds2 = g * s2 @ gm.T / n, g * s1 @ gm / n
+        d1, d2 = _backward(name, (z1, z2), {"lambd": lambd}, g)
+        np.testing.assert_allclose(d1, _bs1(s1, sig1, ds1), rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(d2, _bs1(s2, sig2, ds2), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.derivation("ib_connection.md#BT2")
+@given(seed=seeds)
+def test_bt2_gram_form_is_the_barlow_backward_for_wide_views(seed):
+    """N < D (the Gram path): (BT2) with K_k = s_k s_k^T, r_k = s_k 1, w = 2(c - 1) - 2 lambd (c - t); it equals
+    (BT1) and, after (BS1), the op's backward."""
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(3, 6)), int(rng.integers(6, 12))
+    z1, z2 = _views(rng, n, d)
+    lambd, g = float(rng.uniform(0.001, 0.5)), float(rng.uniform(-2, 2))
+    (s1, sig1), (s2, sig2) = _std(z1), _std(z2)
+    k1, k2 = s1 @ s1.T, s2 @ s2.T
+    r1, r2 = s1.sum(axis=1), s2.sum(axis=1)
+    c = np.sum(s1 * s2, axis=0) / n
+    ones = np.ones(d)
+    for name, target in (("barlow_twins", 0.0), ("barlow_twins_hsic", -1.0)):
+        w = 2 * (c - 1) - 2 * lambd * (c - target)
+        ds1 = 2 * lambd / n**2 * k2 @ s1 - 2 * lambd * target / n * np.outer(r2, ones) + s2 * w / n
+        ds2 = 2 * lambd / n**2 * k1 @ s2 - 2 * lambd * target / n * np.outer(r1, ones) + s1 * w / n
+        gm = _bt_g(s1.T @ s2 / n, lambd, target)
+        np.testing.assert_allclose(ds1, s2 @ gm.T / n, rtol=1e-10, atol=1e-12)  # (BT2) = (BT1)
+        np.testing.assert_allclose(ds2, s1 @ gm / n, rtol=1e-10, atol=1e-12)
+        d1, d2 = _backward(name, (z1, z2), {"lambd": lambd}, g)
+        np.testing.assert_allclose(d1, _bs1(s1, sig1, g * ds1), rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(d2, _bs1(s2, sig2, g * ds2), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.derivation("ib_connection.md#BS1")
+@given(seed=seeds, wide=st.booleans())
+def test_bs1_with_delta_one_is_the_tsai_backward(seed, wide):
+    """normalization="tsai": rows L2-normalised, columns standardised with the unbiased std and no eps; backward
+    (BT1), (BS1) with delta = 1, then (g - u u^T g)/||z|| per row."""
+    rng = np.random.default_rng(seed)
+    n, d = _shape(rng, wide)
+    z1, z2 = _views(rng, n, d)
+    lambd, g = float(rng.uniform(0.001, 0.5)), float(rng.uniform(-2, 2))
+    norms = [np.linalg.norm(z, axis=1, keepdims=True) for z in (z1, z2)]
+    u1, u2 = z1 / norms[0], z2 / norms[1]
+    (s1, sig1), (s2, sig2) = _std(u1, 0.0, ddof=1), _std(u2, 0.0, ddof=1)
+    gm = _bt_g(s1.T @ s2 / n, lambd, -1.0)
+    du1 = _bs1(s1, sig1, g * s2 @ gm.T / n, delta=1)
+    du2 = _bs1(s2, sig2, g * s1 @ gm / n, delta=1)
+    expected = [(du - u * np.sum(u * du, axis=1, keepdims=True)) / nz for du, u, nz in
+                ((du1, u1, norms[0]), (du2, u2, norms[1]))]
+    d1, d2 = _backward("barlow_twins_hsic", (z1, z2), {"lambd": lambd, "normalization": "tsai"}, g)
+    np.testing.assert_allclose(d1, expected[0], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(d2, expected[1], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.derivation("ib_connection.md#VR1")
+@given(seed=seeds, wide=st.booleans(), configured=st.booleans())
+def test_vr1_is_the_vicreg_backward(seed, wide, configured):
+    rng = np.random.default_rng(seed)
+    n, d = _shape(rng, wide)
+    x, y = _views(rng, n, d)
+    x[:, 0] *= 0.2  # hinge active on column 0 of x
+    y[:, -1] *= 0.3
+    m = int(rng.integers(n, 3 * n)) if configured else n
+    c_sim, c_std, c_cov = (float(v) for v in rng.uniform(0.1, 30, 3))
+    eps_v = 1e-4
+    g = float(rng.uniform(-2, 2))
+
+    def grad(a, b, sign):
+        ac = a - a.mean(axis=0)
+        sigma = np.sqrt(np.sum(ac * ac, axis=0) / (n - 1) + eps_v)
+        cov = ac.T @ ac / (m - 1)
+        off = cov - np.diag(np.diag(cov))
+        return g * (sign * 2 * c_sim / (n * d) * (a - b) - c_std / (2 * d * (n - 1)) * ac * ((sigma < 1) / sigma)
+                    + 4 * c_cov / (d * (m - 1)) * ac @ off)
+
+    kw = dict(sim_coeff=c_sim, std_coeff=c_std, cov_coeff=c_cov, eps=eps_v, batch_size=m if configured else None)
+    dx, dy = _backward("vicreg", (x, y), kw, g)
+    np.testing.assert_allclose(dx, grad(x, y, 1), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(dy, grad(y, x, 1), rtol=1e-8, atol=1e-10)  # flipped x - y is y - x
+
+
+def _centring(n):
+    return np.eye(n) - np.ones((n, n)) / n
+
+
+def _hs1(x, k, gamma, kernel, sigma=None):
+    """(HS1): 2 Gamma x (linear) or (2 / sigma^2)(W x - diag(W 1) x), W = Gamma o K (Gaussian)."""
+    if kernel == "linear":
+        return 2 * gamma @ x
+    w = gamma * k
+    return 2 / sigma**2 * (w @ x - w.sum(axis=1)[:, None] * x)
+
+
+def _gauss(x, sigma):
+    d2 = np.sum((x[:, None] - x[None]) ** 2, axis=2)
+    return np.exp(-d2 / (2 * sigma**2)), d2
+
+
+@pytest.mark.derivation("ib_connection.md#HS1")
+@given(seed=seeds, kernel=st.sampled_from(["linear", "gaussian"]))
+def test_hs1_is_the_hsic_backward_for_fixed_kernels(seed, kernel):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 9))
+    x = rng.standard_normal((n, int(rng.integers(1, 5))))
+    y = np.tanh(x @ rng.standard_normal((x.shape[1], 3))) + 0.3 * rng.standard_normal((n, 3))
+    sigma = float(rng.uniform(0.5, 3.0)) if kernel == "gaussian" else None
+    g = float(rng.uniform(-2, 2))
+    j = _centring(n)
+    kx, ky = (z @ z.T if kernel == "linear" else _gauss(z, sigma)[0] for z in (x, y))
+    gamma_x, gamma_y = g * j @ ky @ j / (n - 1) ** 2, g * j @ kx @ j / (n - 1) ** 2
+    kw = {"kernel": kernel} if sigma is None else {"kernel": kernel, "sigma": sigma}
+    dx, dy = _backward("hsic", (x, y), kw, g)
+    np.testing.assert_allclose(dx, _hs1(x, kx, gamma_x, kernel, sigma), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dy, _hs1(y, ky, gamma_y, kernel, sigma), rtol=1e-9, atol=1e-12)
+
+
+def _median_pairs(x):
+    """The middle pair(s) of the sorted distances over i < j: one pair for an odd count, two for an even one."""
+    n = len(x)
+    pairs = sorted((float(np.linalg.norm(x[i] - x[j])), i, j) for i in range(n) for j in range(i + 1, n))
+    p = len(pairs)
+    return pairs[p // 2: p // 2 + 1] if p % 2 else pairs[p // 2 - 1: p // 2 + 1]
+
+
+@pytest.mark.derivation("ib_connection.md#HS2")
+@given(seed=seeds)
+def test_hs2_adds_the_median_bandwidth_term(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 9))  # 3, 6, 10, ... pairs: odd and even counts
+    x = rng.standard_normal((n, 2))
+    y = x**2 + 0.3 * rng.standard_normal((n, 2))
+    g = float(rng.uniform(-2, 2))
+    j = _centring(n)
+    out = []
+    def median_sigma(z):
+        mid = _median_pairs(z)
+        return sum(dist for dist, _, _ in mid) / len(mid), mid
+
+    for z, other in ((x, y), (y, x)):
+        sigma, mid = median_sigma(z)
+        k, d2 = _gauss(z, sigma)
+        ko = _gauss(other, median_sigma(other)[0])[0]
+        gamma = g * j @ ko @ j / (n - 1) ** 2
+        grad = _hs1(z, k, gamma, "gaussian", sigma)
+        dsigma = np.sum(gamma * k * d2) / sigma**3
+        for dist, a, b in mid:
+            step = dsigma / len(mid) * (z[a] - z[b]) / dist
+            grad[a] += step
+            grad[b] -= step
+        out.append(grad)
+    dx, dy = _backward("hsic", (x, y), {"kernel": "gaussian"}, g)
+    np.testing.assert_allclose(dx, out[0], rtol=1e-8, atol=1e-11)
+    np.testing.assert_allclose(dy, out[1], rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.derivation("ib_connection.md#HS3")
+@pytest.mark.parametrize("n", [3, 4, 5, 6, 7, 10, 16])
+def test_hs3_median_is_zero_only_with_about_n_over_sqrt2_coinciding_rows(n):
+    need = n * (n - 1) // 4 + 1
+    m_min = next(m for m in range(2, n + 1) if m * (m - 1) // 2 >= need)
+    rng = np.random.default_rng(n)
+    y = rng.standard_normal((n, 2))
+    for m in (m_min - 1, m_min):
+        x = rng.standard_normal((n, 3))
+        x[:m] = x[0]  # one group of m identical rows, the others distinct
+        if m == m_min:
+            with pytest.raises(ValueError, match="x: the median pairwise distance is 0"):
+                _op("hsic")(x, y, kernel="gaussian")
+        else:
+            assert np.isfinite(_op("hsic")(x, y, kernel="gaussian"))
+    assert abs(m_min - n / math.sqrt(2)) <= 1.5
+    # two groups count their pairs together
+    if n >= 6:
+        x = rng.standard_normal((n, 3))
+        x[:3] = x[0]
+        x[3:6] = x[3]
+        zero_pairs = 6
+        raised = zero_pairs >= need
+        try:
+            _op("hsic")(x, y, kernel="gaussian")
+            assert not raised
+        except ValueError:
+            assert raised
+
+
+@pytest.mark.derivation("ib_connection.md#GI1")
+@given(seed=seeds, standardize=st.booleans())
+def test_gi1_is_the_gaussian_ib_backward(seed, standardize):
+    """(GI1) d log|S| / dX = X S^-1 / N with explicit inverses, for both terms, then (BS1) when standardising."""
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(1, 5))
+    n = d + int(rng.integers(2, 6))
+    z1, z2 = _views(rng, n, d)
+    beta, eps, g = float(rng.uniform(0.3, 4)), float(rng.uniform(1e-3, 0.1)), float(rng.uniform(-2, 2))
+    if standardize:
+        (s1, sig1), (s2, sig2) = _std(z1), _std(z2)
+    else:
+        s1, s2 = z1, z2
+    delta = s1 - s2
+    b = np.concatenate([s1, s2])
+    b = b - b.mean(axis=0)
+    s_cond = delta.T @ delta / (2 * n) + eps * np.eye(d)
+    s_marg = b.T @ b / (2 * n) + eps * np.eye(d)
+    g_delta = g * delta @ np.linalg.inv(s_cond) / n
+    g_b = g * (1 - beta) / beta * b @ np.linalg.inv(s_marg) / n
+    ds1, ds2 = g_delta + g_b[:n], -g_delta + g_b[n:]
+    if standardize:
+        ds1, ds2 = _bs1(s1, sig1, ds1), _bs1(s2, sig2, ds2)
+    d1, d2 = _backward("gaussian_ib", (z1, z2), {"beta": beta, "eps": eps, "standardize_views": standardize}, g)
+    np.testing.assert_allclose(d1, ds1, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(d2, ds2, rtol=1e-8, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -323,12 +588,12 @@ def test_barlow_is_invariant_to_per_dimension_affine_maps(name, seed):
     a = rng.uniform(0.3, 3.0, size=d)  # a > 0, one scale per dimension
     b = 5 * rng.standard_normal(d)
     op = _op(name)
-    base = op(z1, z2)
-    # with eps = 1e-5 the only change is eps -> eps / a_d^2, a relative effect of order eps / (a^2 Var)
     for w1, w2 in ((a * z1 + b, z2), (z1, a * z2 + b), (a * z1 + b, a[::-1] * z2 - b)):
-        np.testing.assert_allclose(op(w1, w2), base, rtol=2e-3)
         # with a negligible eps the invariance is exact to rounding
         np.testing.assert_allclose(op(w1, w2, eps=1e-14), op(z1, z2, eps=1e-14), rtol=1e-8)
+    # with eps the only change is eps -> eps / a^2 (IB6): exact for one scale a on both views
+    s = float(a[0])
+    np.testing.assert_allclose(op(s * z1 + b, s * z2 - b, eps=1e-5), op(z1, z2, eps=1e-5 / s**2), rtol=1e-9)
     # normalising the concatenated views (a known porting bug) would break L(x, x) = L(x, 2x + 4)
     np.testing.assert_allclose(op(z1, z1, eps=1e-14), op(z1, 2 * z1 + 4, eps=1e-14), rtol=1e-9)
 
@@ -564,15 +829,82 @@ def test_float32_wide_loss_matches_float64():
 # claims of derivations/ib_connection.md
 # --------------------------------------------------------------------------------------------------------
 
+def _gaussian_ib_logdets(z1, z2, eps, standardize=True):
+    """(log|S_{Z|X}|, log|S_Z|) through the op: beta = 1 keeps the conditional term alone, beta = 1/2 adds the
+    marginal term with weight 1."""
+    op = _op("gaussian_ib")
+    cond = float(op(z1, z2, beta=1.0, eps=eps, standardize_views=standardize))
+    return cond, float(op(z1, z2, beta=0.5, eps=eps, standardize_views=standardize)) - cond
+
+
 @pytest.mark.derivation("ib_connection.md#IB1")
-def test_gaussian_entropy_is_half_log_det():
-    rng = np.random.default_rng(20)
-    a = rng.standard_normal((4, 4))
-    cov = a @ a.T + 0.5 * np.eye(4)
-    formula = 0.5 * math.log((2 * math.pi * math.e) ** 4 * np.linalg.det(cov))
-    np.testing.assert_allclose(stats.multivariate_normal(np.zeros(4), cov).entropy(), formula, rtol=1e-12)
+@given(seed=seeds, standardize=st.booleans())
+def test_gaussian_entropy_of_the_ops_covariances_is_half_log_det(seed, standardize):
+    """(IB1) with scipy's Gaussian entropy of the covariances the op estimates (written out here):
+    H = D/2 log(2 pi e) + 1/2 log|S|, so 2 H - D log(2 pi e) is what gaussian_ib adds up."""
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(1, 5))
+    n = d + int(rng.integers(2, 8))
+    z1, z2 = _views(rng, n, d)
+    eps = float(rng.uniform(1e-4, 0.1))
+    s1, s2 = (ref_standardize(z1), ref_standardize(z2)) if standardize else (z1, z2)
+    delta = s1 - s2
+    both = np.concatenate([s1, s2])
+    both = both - both.mean(axis=0)
+    s_cond = delta.T @ delta / (2 * n) + eps * np.eye(d)
+    s_marg = both.T @ both / (2 * n) + eps * np.eye(d)
+    cond, marg = _gaussian_ib_logdets(z1, z2, eps, standardize)
+    for cov, logdet in ((s_cond, cond), (s_marg, marg)):
+        entropy = stats.multivariate_normal(np.zeros(d), cov).entropy()
+        np.testing.assert_allclose(entropy, 0.5 * (d * math.log(2 * math.pi * math.e) + logdet), rtol=1e-10)
 
 
+@pytest.mark.derivation("ib_connection.md#IB13")
+@given(seed=seeds)
+def test_the_gaussian_has_the_largest_entropy_for_its_covariance(seed):
+    """Z = A U with independent non-Gaussian U_d (uniform, Laplace, logistic): H(Z) = sum_d H(U_d) + log|det A|
+    (scipy entropies) is below the Gaussian value 1/2 log((2 pi e)^D det(A Cov(U) A^T)); a Gaussian U attains it."""
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(1, 5))
+    a = np.linalg.qr(rng.standard_normal((d, d)))[0] * rng.uniform(0.5, 2.0, d)  # well conditioned
+    logdet_a = np.linalg.slogdet(a)[1]
+    for family in (stats.uniform(-1, 2), stats.laplace(0, 0.7), stats.logistic(0, 0.4), stats.norm(0, 1.3)):
+        h = d * float(family.entropy()) + logdet_a
+        cov = a @ (float(family.var()) * np.eye(d)) @ a.T
+        gaussian = 0.5 * (d * math.log(2 * math.pi * math.e) + np.linalg.slogdet(cov)[1])
+        if family.dist.name == "norm":
+            np.testing.assert_allclose(h, gaussian, rtol=1e-10)
+        else:
+            assert h < gaussian - 1e-3 * d
+
+
+def _uniform_plus_gaussian_entropy(a, s):
+    """H(Z) of Z = X + E with X ~ U(-a, a), E ~ N(0, s^2) (either may be the 'noise'), by quadrature."""
+    def dens(z):
+        return (stats.norm.cdf((z + a) / s) - stats.norm.cdf((z - a) / s)) / (2 * a)
+
+    lim = a + 12 * s
+    val, _ = integrate.quad(lambda z: -dens(z) * math.log(max(dens(z), 1e-300)), -lim, lim, limit=200)
+    return val
+
+
+@pytest.mark.derivation("ib_connection.md#IB14")
+@pytest.mark.parametrize("lam", [0.25, 0.5, 0.9])
+def test_gaussian_surrogate_of_the_ib_is_neither_bound(lam):
+    """IB = H(Z|X) - lam H(Z).  Case 1: X ~ N(0, s^2), Z = X + U, U ~ U(-a, a): Z|X uniform.  Case 2: X ~ U(-a, a),
+    Z = X + E, E ~ N(0, s^2): Z|X Gaussian.  Same marginal.  The surrogate error is gap(Z|X) - lam gap(Z): positive
+    in case 1, negative in case 2."""
+    a, s = 2.0, 0.5  # wide uniform part: the marginal is visibly non-Gaussian
+    h_z = _uniform_plus_gaussian_entropy(a, s)
+    hg_z = 0.5 * math.log(2 * math.pi * math.e * (s * s + a * a / 3))
+    gap_z = hg_z - h_z
+    assert gap_z > 0.01
+    cases = ((math.log(2 * a), a * a / 3, 1), (0.5 * math.log(2 * math.pi * math.e * s * s), s * s, -1))
+    for h_cond, var_cond, sign in cases:
+        hg_cond = 0.5 * math.log(2 * math.pi * math.e * var_cond)
+        ib, ib_g = h_cond - lam * h_z, hg_cond - lam * hg_z
+        np.testing.assert_allclose(ib_g - ib, (hg_cond - h_cond) - lam * gap_z, rtol=1e-12)
+        assert sign * (ib_g - ib) > 1e-3
 @pytest.mark.derivation("ib_connection.md#IB2")
 @given(seed=seeds)
 def test_beta_regimes_of_the_gaussian_ib(seed):
@@ -631,6 +963,23 @@ def test_hadamard_log_det_of_a_correlation_matrix_is_at_most_zero(seed):
     assert np.linalg.slogdet(np.eye(d))[1] == 0
 
 
+@pytest.mark.derivation("ib_connection.md#IB4")
+@given(seed=seeds)
+def test_hadamard_bounds_the_marginal_log_det_of_gaussian_ib(seed):
+    """Standardised views: diag S_Z = (rho_1 + rho_2)/2 + eps_IB, and log|S_Z| (through the op) is at most the sum
+    of the logs of that diagonal; equality for views whose pooled rows have orthogonal, zero-mean columns."""
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(2, 5))
+    n = d + int(rng.integers(2, 8))
+    z1, z2 = _views(rng, n, d)
+    eps = float(rng.uniform(1e-4, 0.1))
+    rho = lambda z: z.var(axis=0) / (z.var(axis=0) + BN_EPS)  # noqa: E731
+    marg = _gaussian_ib_logdets(z1, z2, eps)[1]
+    assert marg <= np.sum(np.log(0.5 * (rho(z1) + rho(z2)) + eps)) + 1e-12
+    # orthonormal columns orthogonal to 1 (zero mean), rescaled: orthogonal, zero-mean columns
+    q = np.linalg.qr(np.hstack([np.ones((n, 1)), rng.standard_normal((n, d))]))[0][:, 1:] * rng.uniform(0.5, 2, d)
+    marg = _gaussian_ib_logdets(q, -q, eps, standardize=False)[1]  # pooled rows [q; -q]: S_Z = q^T q / N + eps I
+    np.testing.assert_allclose(marg, np.sum(np.log(np.sum(q * q, axis=0) / n + eps)), rtol=1e-10)
 @pytest.mark.derivation("ib_connection.md#IB5")
 @given(seed=seeds)
 def test_identical_views(seed):
@@ -665,7 +1014,7 @@ def test_hsic_variant_is_barlow_twins_plus_a_linear_term(seed):
     lambd = float(rng.uniform(0.001, 0.5))
     c = ref_cross_corr(_op("batch_standardize")(z1), _op("batch_standardize")(z2))
     rhs = _op("barlow_twins")(z1, z2, lambd=lambd) + 2 * lambd * (c.sum() - np.trace(c)) + lambd * d * (d - 1)
-    np.testing.assert_allclose(_op("barlow_twins_hsic")(z1, z2, lambd=lambd), rhs, rtol=1e-10)
+    np.testing.assert_allclose(_op("barlow_twins_hsic")(z1, z2, lambd=lambd), rhs, rtol=1e-10, atol=1e-15)
 
 
 @pytest.mark.derivation("ib_connection.md#IB9")
@@ -689,12 +1038,34 @@ def test_off_diagonal_target_minus_one_is_unreachable(seed):
     c = s.T @ s / s.shape[0]  # identical views: C is an auto-correlation with unit diagonal
     mean_off = (c.sum() - np.trace(c)) / (d * (d - 1))
     assert mean_off >= -1 / (d - 1) - 1e-9
+    np.testing.assert_allclose(c.sum(), np.sum(s.sum(axis=1) ** 2) / s.shape[0], rtol=1e-9, atol=1e-12)  # |s 1|^2/N
     simplex = d / (d - 1) * (np.eye(d) - np.ones((d, d)) / d)
     np.testing.assert_allclose(np.diag(simplex), 1.0)
     assert np.linalg.eigvalsh(simplex).min() > -1e-12
     np.testing.assert_allclose((simplex.sum() - d) / (d * (d - 1)), -1 / (d - 1))
 
 
+def _simplex_views(rng, n, d):
+    """s (N, D) with zero-mean columns and s^T s / N = D/(D-1) J_D: needs D - 1 <= N - 1 orthonormal directions
+    orthogonal to 1_N, i.e. N >= D."""
+    u = np.linalg.qr(np.hstack([np.ones((n, 1)), rng.standard_normal((n, d - 1))]))[0][:, 1:]
+    v = np.linalg.qr(np.hstack([np.ones((d, 1)), rng.standard_normal((d, d - 1))]))[0][:, 1:]
+    return math.sqrt(n * d / (d - 1)) * u @ v.T
+
+
+@pytest.mark.derivation("ib_connection.md#IB10")
+@pytest.mark.parametrize("d", [3, 4, 6])
+def test_the_simplex_equality_case_needs_n_at_least_d(d):
+    rng = np.random.default_rng(d)
+    for n in (d, d + 3):
+        s = _op("batch_standardize")(_simplex_views(rng, n, d), eps=1e-14)  # already standardised: unchanged
+        c = s.T @ s / n
+        np.testing.assert_allclose(c, d / (d - 1) * (np.eye(d) - np.ones((d, d)) / d), atol=1e-9)
+        np.testing.assert_allclose((c.sum() - d) / (d * (d - 1)), -1 / (d - 1), atol=1e-10)
+        np.testing.assert_allclose(s.sum(axis=1), 0, atol=1e-9)  # equality iff every row of s sums to 0
+    for n in range(2, d):  # N < D: C has rank <= N - 1 < D - 1, never the simplex
+        s = _op("batch_standardize")(rng.standard_normal((n, d)), eps=1e-14)
+        assert np.linalg.matrix_rank(s.T @ s / n, tol=1e-9) <= n - 1 < d - 1
 @pytest.mark.derivation("ib_connection.md#IB11")
 def test_conditional_covariance_diagonal_is_one_minus_c_ii():
     rng = np.random.default_rng(23)
@@ -713,13 +1084,62 @@ def test_conditional_covariance_diagonal_is_one_minus_c_ii():
 
 
 @pytest.mark.derivation("ib_connection.md#IB12")
-def test_pooling_the_conditional_covariance_bounds_the_mean_log_det():
-    rng = np.random.default_rng(24)
-    mats = []
-    for _ in range(6):
-        a = rng.standard_normal((3, 3))
-        mats.append(a @ a.T + 0.1 * np.eye(3))
-    mean_logdet = np.mean([np.linalg.slogdet(m)[1] for m in mats])
-    assert mean_logdet <= np.linalg.slogdet(np.mean(mats, axis=0))[1]
-    np.testing.assert_allclose(np.linalg.slogdet(np.mean([mats[0]] * 3, axis=0))[1],
-                               np.linalg.slogdet(mats[0])[1])  # equality when all are equal
+@given(seed=seeds, standardize=st.booleans())
+def test_pooling_the_conditional_covariance_bounds_the_mean_log_det(seed, standardize):
+    """(1/N) sum_n log|Sigma_n| <= log|S_{Z|X}| = gaussian_ib(beta=1), Sigma_n = (s1_n - s2_n)(...)^T / 2 + eps I."""
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(1, 5))
+    n = d + int(rng.integers(2, 8))
+    z1, z2 = _views(rng, n, d)
+    eps = float(rng.uniform(1e-4, 0.1))
+    s1, s2 = (ref_standardize(z1), ref_standardize(z2)) if standardize else (z1, z2)
+    per_sample = [np.linalg.slogdet(0.5 * np.outer(a - b, a - b) + eps * np.eye(d))[1] for a, b in zip(s1, s2)]
+    pooled = _gaussian_ib_logdets(z1, z2, eps, standardize)[0]
+    assert np.mean(per_sample) <= pooled + 1e-12
+    if d > 1:
+        assert np.mean(per_sample) < pooled - 1e-6  # different directions: strict
+    # equal per-sample covariances (a constant shift between the views): equality
+    shift = rng.standard_normal(d)
+    sigma = 0.5 * np.outer(shift, shift) + eps * np.eye(d)
+    np.testing.assert_allclose(_gaussian_ib_logdets(z1 + shift, z1, eps, standardize=False)[0],
+                               np.linalg.slogdet(sigma)[1], rtol=1e-10)
+
+
+@pytest.mark.derivation("ib_connection.md#IB15")
+@given(seed=seeds)
+def test_tsai_normalisation_is_invariant_to_row_scales_not_to_column_affine_maps(seed):
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(3, 9)), int(rng.integers(2, 7))
+    z1, z2 = _views(rng, n, d)
+    op = _op("barlow_twins_hsic")
+    base = op(z1, z2, normalization="tsai")
+    r1, r2 = rng.uniform(0.2, 5, (n, 1)), rng.uniform(0.2, 5, (n, 1))
+    np.testing.assert_allclose(op(r1 * z1, r2 * z2, normalization="tsai"), base, rtol=1e-9)
+    a, b = rng.uniform(0.3, 3.0, d), 2 * rng.standard_normal(d)
+    assert abs(op(a * z1 + b, z2, normalization="tsai") - base) > 1e-6 * max(1.0, abs(base))
+    # the batchnorm normalisation is invariant to the same affine map (IB6) and not to row scales
+    np.testing.assert_allclose(op(a * z1 + b, z2, eps=1e-14), op(z1, z2, eps=1e-14), rtol=1e-8)
+    assert abs(op(r1 * z1, z2, eps=1e-14) - op(z1, z2, eps=1e-14)) > 1e-6 * max(1.0, abs(base))
+
+
+@pytest.mark.derivation("ib_connection.md#IB16")
+@given(seed=seeds)
+def test_hadamard_bounds_the_conditional_log_det_by_its_diagonal(seed):
+    """log|S_{Z|X}| (through gaussian_ib) <= sum_d log((rho_1 + rho_2)/2 - C_dd + eps_IB); equality when the
+    differences of the views have orthogonal columns."""
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(1, 5))
+    n = d + int(rng.integers(2, 8))
+    z1, z2 = _views(rng, n, d)
+    eps = float(rng.uniform(1e-4, 0.1))
+    rho = lambda z: z.var(axis=0) / (z.var(axis=0) + BN_EPS)  # noqa: E731
+    c = np.diag(ref_cross_corr(ref_standardize(z1), ref_standardize(z2)))
+    bound = np.sum(np.log(0.5 * (rho(z1) + rho(z2)) - c + eps))
+    cond = _gaussian_ib_logdets(z1, z2, eps)[0]
+    assert cond <= bound + 1e-10
+    if d == 1:
+        np.testing.assert_allclose(cond, bound, rtol=1e-9)
+    q = np.linalg.qr(rng.standard_normal((n, d)))[0] * rng.uniform(0.5, 2, d)  # orthogonal columns
+    diag = np.sum(q * q, axis=0) / (2 * n) + eps
+    np.testing.assert_allclose(_gaussian_ib_logdets(z2 + q, z2, eps, standardize=False)[0], np.sum(np.log(diag)),
+                               rtol=1e-10)

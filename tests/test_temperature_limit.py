@@ -348,6 +348,25 @@ def test_small_temperature_error_is_tau_log_ties_plus_exponentially_small(seed, 
         low = tau * np.log(ties).mean()
         high = low + np.mean(tau * (k - ties) / ties * np.exp(-gaps / tau))
         assert low - 1e-11 <= err <= high + 1e-11
+        assert err <= tau * math.log(k) + 1e-11  # the middle term is also at most tau log K
+
+
+@pytest.mark.derivation("temperature_limit.md#T8")
+@pytest.mark.parametrize("tau", [0.3, 1.0, 3.0])
+def test_tau_log_k_bounds_the_middle_term_not_the_exponential_bound(tau):
+    """One row, c = 1, K = 3, gap 0.01 << tau: tau log(c + R) <= tau log 3 ~ 1.10 tau while the exponential bound
+    tau log c + tau (K - c)/c e^(-gap/tau) ~ 2 tau exceeds it; per row through cross_entropy on s / tau."""
+    s = np.array([[0.50, 0.49, 0.48]])  # column 0 the positive and the unique row maximum
+    loss = float(CE.forward(s / tau, np.array([0]))[0])
+    mu, c, gap = _ties_and_gap(list(s[0]))
+    assert (mu, c) == (0.50, 1) and gap == pytest.approx(0.01)
+    hinge = max(max(s[0, 1:]) - s[0, 0], 0.0)
+    middle = tau * loss - hinge
+    expected_middle = tau * math.log(sum(math.exp(-(mu - v) / tau) for v in s[0]))  # tau log(c + R)
+    assert middle == pytest.approx(expected_middle, rel=1e-12)
+    exponential = tau * math.log(c) + tau * (3 - c) / c * math.exp(-gap / tau)
+    assert tau * math.log(c) <= middle <= min(tau * math.log(3), exponential)
+    assert exponential > tau * math.log(3)  # "(<= tau log K)" would be false as a continuation of the chain
 
 
 @pytest.mark.derivation("temperature_limit.md#T8")
@@ -710,3 +729,156 @@ def test_regular_polygon_minimises_uniformity_at_every_t(seed, k, t, jitter):
     assert np.abs(np.einsum("ij,ij->i", grad, tangent)).max() <= 1e-12 * max(1.0, t)
     for x in (_circle(base + jitter * rng.uniform(-0.5, 0.5, size=k)), _circle(rng.uniform(0, 2 * np.pi, size=k))):
         assert float(UNIF.forward(x, t=t)[0]) >= closed - 1e-12 * max(1.0, abs(closed))
+
+
+# ------------------------------------------------------------------------- 7. many negatives (Wang & Isola)
+
+ALIGN = registry.get("alignment")
+
+
+def _uniform_pairs_at_angle(rng, n, theta):
+    """n positive pairs on S^2: u uniform, v = cos(theta) u + sin(theta) w with w a uniform unit vector orthogonal
+    to u.  Both marginals are uniform and every positive similarity is cos(theta)."""
+    u = rng.standard_normal((n, 3))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    w = rng.standard_normal((n, 3))
+    w -= u * np.sum(u * w, axis=1, keepdims=True)
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    return u, math.cos(theta) * u + math.sin(theta) * w
+
+
+@pytest.mark.derivation("temperature_limit.md#T23")
+@pytest.mark.derivation("temperature_limit.md#T24")
+@pytest.mark.parametrize("tau", [0.2, 0.5, 1.0])
+def test_large_m_limit_on_the_sphere_by_monte_carlo(tau):
+    """info_nce - log(2N - 2) at N = 700 against the closed-form limit -cos(theta)/tau + log(tau sinh(1/tau)) on S^2,
+    and against its decomposition t L_align + L_unif(t), t = 1/(2 tau), through the alignment and uniformity ops."""
+    n, theta = 700, 0.6
+    z1, z2 = _uniform_pairs_at_angle(np.random.default_rng(int(100 * tau)), n, theta)
+    mc = _info_nce(z1, z2, tau) - math.log(2 * n - 2)
+    limit = -math.cos(theta) / tau + math.log(tau * math.sinh(1 / tau))
+    assert abs(mc - limit) < 0.012  # O(1/N) bias + Monte Carlo noise, both ~1e-3 here
+    t = 1 / (2 * tau)
+    align = float(ALIGN.forward(z1, z2, alpha=2)[0])
+    assert align == pytest.approx(2 - 2 * math.cos(theta), rel=1e-12)
+    unif = float(UNIF.forward(np.concatenate([z1, z2]), t=t)[0])
+    assert abs(mc - (t * align + unif)) < 0.012  # uniform marginal: the Jensen step of (T24) is an equality
+    assert abs(unif - (-1 / tau + math.log(tau * math.sinh(1 / tau)))) < 0.012
+    # the coupling matters: L_unif at t = 1/tau (instead of 1/(2 tau)) is far off
+    wrong = t * align + float(UNIF.forward(np.concatenate([z1, z2]), t=1 / tau)[0])
+    assert abs(mc - wrong) > 0.1
+
+
+_FINITE = np.array([[1.0, 0.0, 0.0], [0.9, 0.3, 0.1], [0.8, 0.1, -0.4], [-0.6, -0.5, 0.6]])
+_FINITE = _FINITE / np.linalg.norm(_FINITE, axis=1, keepdims=True)  # three clumped points and one far away
+
+
+@pytest.mark.derivation("temperature_limit.md#T23")
+@pytest.mark.parametrize("tau", [0.2, 0.5, 1.0])
+def test_large_m_limit_on_a_finite_distribution(tau):
+    """p_data uniform on 4 points, positives identical (aligned views).  A batch holding every point n times makes
+    each anchor's 2N - 2 negatives an exact sample of p_data up to O(1/N): info_nce - log(2N - 2) converges to the
+    limit of (T23), evaluated by enumeration."""
+    x = _FINITE
+    k = len(x)
+    s = [[float(sum(a * b for a, b in zip(x[i], x[j]))) for j in range(k)] for i in range(k)]
+    limit = -1 / tau + sum(math.log(sum(math.exp(s[a][b] / tau) for b in range(k)) / k) for a in range(k)) / k
+    errors = []
+    for n in (25, 100):
+        z = np.repeat(x, n, axis=0)
+        errors.append(abs(_info_nce(z, z, tau) - math.log(2 * k * n - 2) - limit))
+    assert errors[1] < 0.3 / (k * 100)
+    assert errors[1] < errors[0]
+
+
+@pytest.mark.derivation("temperature_limit.md#T24")
+@pytest.mark.parametrize("tau", [0.2, 0.5, 1.0])
+def test_uniformity_term_and_its_jensen_bound_on_finite_distributions(tau):
+    """(T24) by enumeration on p_data uniform over K points, the population L_unif recovered from the uniformity op
+    (it averages the K(K-1)/2 unique pairs; the population mean adds the K self-pairs at distance 0)."""
+    t = 1 / (2 * tau)
+
+    def terms(x):
+        k = len(x)
+        d = [[float(sum((x[i, c] - x[j, c]) ** 2 for c in range(x.shape[1]))) for j in range(k)] for i in range(k)]
+        inner = sum(math.log(sum(math.exp(-t * d[a][b]) for b in range(k)) / k) for a in range(k)) / k
+        s_lse = -1 / tau + sum(math.log(sum(math.exp((1 - d[a][b] / 2) / tau) for b in range(k)) / k)
+                               for a in range(k)) / k
+        l_unif = math.log((1 + (k - 1) * math.exp(float(UNIF.forward(x, t=t)[0]))) / k)
+        return inner, s_lse, l_unif
+
+    # aligned positives: L_align = 0, so the limit is the uniformity term alone
+    inner, s_lse, l_unif = terms(_FINITE)
+    assert s_lse == pytest.approx(inner, rel=1e-12)  # the -1/tau + 1/tau constants cancel
+    assert inner < l_unif - 0.03  # clumped points: a strict Jensen gap
+    # all points alike (a regular polygon): E_{x-} e^{-t||f(x) - f(x-)||^2} is the same for every x, equality
+    polygon = _circle(2 * np.pi * np.arange(5) / 5 + 0.4)
+    inner, s_lse, l_unif = terms(polygon)
+    assert inner == pytest.approx(l_unif, rel=1e-12, abs=1e-14)
+
+
+# --------------------------------------------------------------------- 8. uniformity vs tolerance (Wang & Liu)
+
+
+def _clustered(rng, classes=4, per=8, d=3, spread=0.15):
+    centres = rng.standard_normal((classes, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(classes), per)
+    e = centres[labels] + spread * rng.standard_normal((classes * per, d))
+    return e / np.linalg.norm(e, axis=1, keepdims=True), labels
+
+
+def _tolerance(e, labels):
+    """T = mean cosine over ordered pairs of distinct samples of the same class, by loops."""
+    vals = [float(e[i] @ e[j]) for i in range(len(e)) for j in range(len(e)) if i != j and labels[i] == labels[j]]
+    return sum(vals) / len(vals)
+
+
+@pytest.mark.derivation("temperature_limit.md#T25")
+@given(seed=seeds, tau=temperatures)
+def test_share_of_the_push_on_similar_negatives_falls_with_tau(seed, tau):
+    """d log r_ij / d tau and d r_iS / d tau of (T25) against central differences in tau of the hardness weights
+    taken from the op's gradient (T4), S = the same-class negatives of a class-clustered embedding."""
+    rng = np.random.default_rng(seed)
+    e, labels = _clustered(rng, classes=3, per=3)
+    n = len(e)
+    _, s = _cosines(e, e)
+    m = 2 * n
+    lab = np.concatenate([labels, labels])
+    h = 1e-5 * tau
+    r0, rp, rm = (_hardness_from_op(s, tt) for tt in (tau, tau + h, tau - h))
+    for i in range(m):
+        neg = _negatives(i, m)
+        sim = np.array([s[i, j] for j in neg])
+        mean = float(np.sum(r0[i] * sim))
+        fd = (np.log(rp[i]) - np.log(rm[i])) / (2 * h)
+        np.testing.assert_allclose(fd, -(sim - mean) / tau**2, rtol=1e-4, atol=1e-6 / tau**2)
+        same = np.array([lab[j] == lab[i] for j in neg])
+        share = r0[i][same].sum()
+        fd_share = (rp[i][same].sum() - rm[i][same].sum()) / (2 * h)
+        cond = float(np.sum(r0[i][same] * sim[same]) / share)
+        np.testing.assert_allclose(fd_share, -share / tau**2 * (cond - mean), rtol=1e-4, atol=1e-6 / tau**2)
+    # the limits: the nearest negatives' share as tau -> 0, |S| / (2N - 2) as tau -> inf
+    i = 0
+    neg = _negatives(i, m)
+    same = np.array([lab[j] == lab[i] for j in neg])
+    assert _hardness_from_op(s, 1e4)[i][same].sum() == pytest.approx(same.sum() / (m - 2), rel=1e-3)
+
+
+@pytest.mark.derivation("temperature_limit.md#T26")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_small_temperature_is_more_uniform_and_less_tolerant(seed):
+    """Gradient descent on info_nce(e, e) of free unit embeddings that start clustered by class, 300 steps of size
+    0.05 * tau * 2N (the gradient scales as 1/tau and 1/(2N)), then L_unif(t = 2) and the tolerance."""
+    out = {}
+    for tau in (0.1, 1.0):
+        e, labels = _clustered(np.random.default_rng(seed))
+        for _ in range(300):
+            _, cache = INFO.forward(e, e, temperature=tau)
+            g1, g2 = INFO.backward(cache, 1.0)
+            e = e - 0.05 * tau * len(e) * (g1 + g2)
+            e /= np.linalg.norm(e, axis=1, keepdims=True)
+        out[tau] = (float(UNIF.forward(e, t=2.0)[0]), _tolerance(e, labels))
+    (u_small, t_small), (u_large, t_large) = out[0.1], out[1.0]
+    assert u_small < u_large - 0.01
+    assert t_small < t_large - 0.02

@@ -46,9 +46,9 @@ def _kernel(x, name, kernel, sigma):
         norms = np.sqrt(np.einsum("pd,pd->p", diffs, diffs))
         s = float(norms.mean())
         if s == 0:
-            raise ValueError(f"{name}: the median pairwise distance is 0 (at least half of the rows "
-                             "coincide, a collapsed input); the median-heuristic bandwidth is undefined, "
-                             "pass sigma explicitly")
+            raise ValueError(f"{name}: the median pairwise distance is 0 (more than half of the N(N-1)/2 "
+                             "pairs of rows coincide, e.g. about N/sqrt(2) identical rows: a collapsed input); "
+                             "the median-heuristic bandwidth is undefined, pass sigma explicitly")
         pairs = (a, b, diffs, norms)
     else:
         s = sigma
@@ -90,7 +90,7 @@ def hsic_forward(x, y, *, kernel="linear", sigma=None):
     Gretton et al. 2005; the 1/N^2 convention is this value times ((N-1)/N)^2.
     With linear kernels on column-standardised features,
     HSIC = N^2 / (N - 1)^2 * ||C||_F^2 with C = s_x^T s_y / N
-    (derivations/ib_connection.md#IB7).
+    (derivations/ib_connection.md#barlow_twins_hsic, equation IB7).
 
     ``sigma`` (Gaussian kernel only): a bandwidth > 0 used for both inputs, or
     ``None`` (default) for the median heuristic, computed separately for x and
@@ -98,8 +98,11 @@ def hsic_forward(x, y, *, kernel="linear", sigma=None):
     of the two middle values for an even number of pairs).  The gradient flows
     through this bandwidth (it is not treated as a constant), so backward is
     the exact derivative of the forward wherever the median pair is unique.
-    If half of the rows coincide the median is 0 and a ValueError is raised;
-    with a fixed sigma (or a linear kernel) a collapsed input gives HSIC = 0.
+    The median is 0 when more than half of the N(N-1)/2 pairs have distance
+    0 (floor(N(N-1)/4) + 1 of them; one group of identical rows must hold
+    about N/sqrt(2) rows, e.g. 4 of 5), and then a ValueError is raised
+    (derivations/ib_connection.md#hsic, equation HS3); with a fixed sigma (or
+    a linear kernel) a collapsed input gives HSIC = 0.
 
     Shapes: x (N, Dx), y (N, Dy) with N >= 2 -> scalar.
     Reference: Gretton et al. 2005 (ALT, "Measuring statistical dependence with

@@ -75,7 +75,7 @@ def icon_forward(p, logits, *, alpha=0.0, alpha_q=0.0, mask_diagonal=True, learn
 
     Reference: Alshammari et al., ICLR 2025, arXiv 2504.16929 (the I-Con objective);
     ShadeAlsha/ICon model/losses.py, playground/divergences.py.
-    Backward: derivations/icon.md#objective.
+    Backward: derivations/icon.md#objective (equations IC2, IC3, IC17).
     """
     V.float_array(p, "p", ndim=2, shape_doc="(N, M)")
     V.float_array(logits, "logits", ndim=2, shape_doc="(N, M)")

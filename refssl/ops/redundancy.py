@@ -172,7 +172,8 @@ def barlow_twins_hsic_forward(z1, z2, *, lambd=0.0051, eps=DEFAULT_EPS, normaliz
 
     with C as in ``barlow_twins``.  Shapes: z1, z2 (N, D) -> scalar.
     Equivalently L = L_BT + 2 lambd (1^T C 1 - tr C) + lambd D (D - 1): a weak
-    linear push toward negative correlation (derivations/ib_connection.md#IB8).
+    linear push toward negative correlation (derivations/ib_connection.md#barlow_twins_hsic,
+    equation IB8).
 
     ``normalization``:
       * ``"batchnorm"`` (default): per-view BatchNorm standardisation with the
