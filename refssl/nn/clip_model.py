@@ -21,6 +21,9 @@ mlfoundations/open_clip ``src/open_clip/loss.py`` and ``src/open_clip_train/trai
 * ``s`` is excluded from weight decay (open_clip), with biases, norms, tokens and position embeddings:
   :func:`no_decay`.
 
+The gradient in ``s``, its sign on ranked and collapsed batches, and the clamp as a projection:
+derivations/vision_language.md#clip-logit-scale.
+
 The image encoder is any refssl module with ``init``, ``forward(params, state, images, train=)`` returning an
 (N, F) feature and ``backward(cache, dout, need_dx=False)`` (a :class:`~refssl.nn.transformer.ViT`, or
 :func:`~refssl.nn.models.cnn_encoder` without batch norm).  Encoders with running statistics are refused:
