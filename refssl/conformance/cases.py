@@ -27,12 +27,31 @@ from .. import registry
 from . import edges as E
 from .tolerance import EPS32, KAPPA_MAX, rel_error, tolerances
 
-__all__ = ["Case", "build_cases", "degeneracies", "argument_names", "hyper_defaults", "evaluate", "DTYPES"]
+__all__ = ["Case", "STOP_GRADIENT", "build_cases", "degeneracies", "argument_names", "hyper_defaults", "evaluate", "DTYPES"]
 
 DTYPES = ("float64", "float32")
 EXAMPLE = "example"
 _EXAMPLE_TRIES = 64
 _ROUNDING_DRAWS = 2
+
+
+# Inputs that come out of a network branch during training and that the method blocks with a
+# stop-gradient (a detach in the loss, or a no-grad target/momentum encoder).  A port gets them tracked
+# (requires_grad / differentiated by jax.grad) and must let no gradient reach them.  Every other input
+# without a gradient is a constant by nature (data targets, labels, masks, queues, banks, supports,
+# prototypes, centers, running statistics, probabilities) and is passed untracked.
+STOP_GRADIENT: dict = {
+    "byol": ("t1", "t2"),  # target-network projections
+    "simsiam": ("z1", "z2"),  # the online projections themselves: the stop-gradient is the method
+    "neg_cosine": ("z",),
+    "moco_v3": ("k1", "k2"),  # momentum-encoder keys
+    "moco_queue": ("k",),
+    "nnclr": ("z1", "z2"),  # the lookups' queries
+    "mean_shift": ("target",),  # momentum-encoder targets
+    "dino": ("teacher",),  # teacher outputs (the center is a buffer)
+    "cosine_distill": ("target",),  # teacher features
+    "proto_nce": ("k",),  # momentum-encoder keys
+}
 
 
 @dataclass
@@ -64,9 +83,8 @@ class Case:
 
     @property
     def stop_gradient(self) -> tuple:
-        """Float inputs that get no gradient (targets, keys, queues, centers, constants)."""
-        return tuple(k for k, a in self.inputs.items()
-                     if k not in self.differentiable and np.issubdtype(np.asarray(a).dtype, np.floating))
+        """Inputs the method blocks with a stop-gradient (see :data:`STOP_GRADIENT`)."""
+        return tuple(k for k in STOP_GRADIENT.get(self.op, ()) if k in self.inputs)
 
 
 @lru_cache(maxsize=None)
@@ -172,7 +190,7 @@ def _case_rng(seed: int, op: str, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(f"{op}/{name}".encode())])
 
 
-def _pair(op, name, description, args, hyper, rng, seed, ties):
+def _pair(op, name, description, args, hyper, rng, seed, exact):
     """The float64 and float32 cases of one construction, or (None, why) when it is not usable."""
     names = argument_names(op.name)
     if len(args) > len(names):
@@ -190,7 +208,7 @@ def _pair(op, name, description, args, hyper, rng, seed, ties):
     args32, u32 = _cast(args, np.float32), np.asarray(upstream, dtype=np.float32)
     truth = evaluate(op, _cast(args32, np.float64), hyper, u32.astype(np.float64))
     d32 = _errors(op, evaluate(op, args32, hyper, u32), truth)
-    sens = 0.0 if ties else _rounding_sensitivity(op, args32, hyper, u32, truth, rng)
+    sens = 0.0 if exact else _rounding_sensitivity(op, args32, hyper, u32, truth, rng)
     tol = tolerances(d32, sens)
     basis = {"refssl_float32_error": d32, "rounding_sensitivity": sens, "kappa": tol["kappa"]}
     if tol["kappa"] > KAPPA_MAX:
@@ -217,7 +235,7 @@ def _example_cases(op, seed):
         rng = np.random.default_rng(s)
         args, hyper = op.example(rng, np.float64)
         cases, why = _pair(op, EXAMPLE, "the op's registered example (first non-degenerate draw from the seed)",
-                           args, hyper, rng, s, ties=False)
+                           args, hyper, rng, s, exact=False)
         if cases:
             return cases
     raise RuntimeError(f"{op.name}: no non-degenerate example in seeds {seed}..{seed + _EXAMPLE_TRIES - 1} "
@@ -232,7 +250,7 @@ def _build(op_name: str, seed: int) -> tuple:
         for edge in E.edges_for(op_name):
             rng = _case_rng(seed, op_name, edge.name)
             args, hyper = edge.make(rng)
-            pair, why = _pair(op, edge.name, edge.description, args, hyper, rng, seed, edge.ties)
+            pair, why = _pair(op, edge.name, edge.description, args, hyper, rng, seed, edge.exact)
             if pair is None:
                 raise RuntimeError(f"edge case {op_name}.{edge.name} is degenerate: {why}")
             cases.extend(pair)

@@ -92,6 +92,9 @@ class Report:
         factors = {round(r.factor, 9) for r in bad if r.factor is not None}
         if len(factors) == 1 and all(r.factor is not None for r in bad):
             return head + f"; every failing case is refssl times {bad[0].factor:.6g}"
+        reasons = {r.explanation for r in bad}
+        if len(reasons) == 1 and bad[0].explanation:
+            return head + f"; every failing case: {bad[0].explanation}"
         return head
 
     def __str__(self) -> str:
@@ -228,8 +231,10 @@ def _compare(op, case, res) -> CaseResult:
     scale = max((float(np.max(np.abs(g))) for g in case.expected_grads.values() if g.size), default=1.0)
     leaked = [n for n in case.stop_gradient
               if res.grads.get(n) is not None and float(np.max(np.abs(res.grads[n]), initial=0)) > case.tolerance * scale]
-    for n in leaked:
-        problems.append(f"{n} gets a gradient but is a stop-gradient input (missing detach / stop_gradient)")
+    if leaked:
+        who = ", ".join(leaked)
+        problems.append(f"{who} {'gets a gradient but is a stop-gradient input' if len(leaked) == 1 else 'get gradients but are stop-gradient inputs'} "
+                        "in refssl (missing detach / stop_gradient)")
     wrong_dtype = [f"value is {res.value_dtype}"] if res.value_dtype not in (None, case.dtype) else []
     wrong_dtype += [f"gradient of {n} is {d}" for n, d in res.grad_dtypes.items()
                     if n in names and d not in (None, case.dtype)]

@@ -14,10 +14,11 @@ Calling convention (the same for every framework):
   takes the upstream gradient as a keyword ``grad_out`` (and may for scalar outputs; otherwise the
   kit multiplies its scalar-loss gradients by the upstream value).
 
-Float inputs the op treats as stop-gradient (targets, keys, queues, centers) are tracked as well,
-so that a port which lets a gradient reach them is caught (missing ``detach``/``stop_gradient``); a
-torch port that modifies such an input in place is retried with only the differentiable inputs
-tracked.
+Inputs the method blocks with a stop-gradient (:data:`refssl.conformance.cases.STOP_GRADIENT`:
+target projections, momentum keys, teacher outputs) are tracked as well, so that a port which lets a
+gradient reach them is caught (missing ``detach``/``stop_gradient``); a torch port that modifies
+such an input in place is retried with only the differentiable inputs tracked.  Other inputs without
+a gradient (data, labels, masks, queues, running statistics) are passed untracked.
 """
 
 from __future__ import annotations

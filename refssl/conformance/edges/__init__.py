@@ -24,7 +24,8 @@ import numpy as np
 
 from ... import registry
 
-__all__ = ["Edge", "Family", "edges_for", "family_of", "example_only_reason", "families", "example_where"]
+__all__ = ["Edge", "Family", "edges_for", "family_of", "example_only_reason", "families", "example_where",
+           "unit_rows", "two_views", "tight_views", "row_scales"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class Edge:
     name: str
     description: str
     make: Callable[[np.random.Generator], tuple[tuple, dict]]
-    ties: bool = False  # exact ties on purpose (the spec fixes the tie rule): no rounding perturbation
+    # exactly representable structure on purpose (ties, a constant column): the rounding-perturbation
+    # estimate would destroy it, so only refssl's own float32 error sets the tolerance
+    exact: bool = False
 
 
 _EDGES: dict[str, list[Edge]] = {}
@@ -58,7 +61,7 @@ class Family:
         if _FAMILY.setdefault(op, self.name) != self.name:
             raise ValueError(f"op {op!r} is declared in families {_FAMILY[op]!r} and {self.name!r}")
 
-    def edge(self, ops, name: str, description: str, *, ties: bool = False):
+    def edge(self, ops, name: str, description: str, *, exact: bool = False):
         """Decorator: ``make(rng) -> (args, kwargs)`` is the edge case ``name`` of each op in ``ops``."""
         ops = (ops,) if isinstance(ops, str) else tuple(ops)
         if not name.replace("_", "").replace(".", "").isalnum() or name == "example":
@@ -69,7 +72,7 @@ class Family:
                 self._member(op)
                 if any(e.name == name for e in _EDGES.get(op, [])):
                     raise ValueError(f"op {op!r} has two edge cases named {name!r}")
-                _EDGES.setdefault(op, []).append(Edge(op, name, description, make, ties))
+                _EDGES.setdefault(op, []).append(Edge(op, name, description, make, exact))
             return make
 
         return register_edge
@@ -137,6 +140,17 @@ def unit_rows(x):
 def two_views(rng, n, d, noise=0.7):
     """Two views of n random points: base + noise each (cosines spread, softmaxes unsaturated)."""
     base = rng.standard_normal((n, d))
+    return base + noise * rng.standard_normal((n, d)), base + noise * rng.standard_normal((n, d))
+
+
+def tight_views(rng, n, d, spread=0.15, view_noise=0.5):
+    """Two views of n points clustered around one unit direction: cosines near 1 with differences of
+    order spread^2, so at tau = 0.01 the logits are near 100 (overflowing exp in float32) while the
+    softmax stays unsaturated (differences of a few units)."""
+    b = rng.standard_normal(d)
+    b /= np.linalg.norm(b)
+    base = b + spread * rng.standard_normal((n, d)) / np.sqrt(d)
+    noise = spread * view_noise / np.sqrt(d)
     return base + noise * rng.standard_normal((n, d)), base + noise * rng.standard_normal((n, d))
 
 

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from . import Family, row_scales, two_views
+from . import Family, row_scales, tight_views, two_views
 
 F = Family("contrastive", "InfoNCE-type losses over a batch of pairs or labelled views")
 
@@ -23,13 +23,12 @@ LN100 = math.log(100.0)
 @F.edge(("info_nce", "debiased_info_nce"), "tau_0.01",
         "temperature 0.01: logits up to 100; exp of raw logits overflows float32 (needs a max shift)")
 def _tau_001(rng):
-    z1, z2 = two_views(rng, 6, 8)
-    return (z1, z2), {"temperature": 0.01}
+    return tight_views(rng, 6, 8), {"temperature": 0.01}
 
 
 @F.edge("info_nce", "n2", "N = 2, the smallest batch with a negative (2 negatives per anchor)")
 def _nce_n2(rng):
-    return two_views(rng, 2, 5), {"temperature": 0.1}
+    return two_views(rng, 2, 5, noise=1.0), {"temperature": 0.5}
 
 
 @F.edge("debiased_info_nce", "n2", "N = 2, the smallest batch the estimator accepts (N_n = 2 negatives)")
@@ -74,21 +73,21 @@ def _clip_pair(rng, n, d):
 
 @F.edge("clip", "logit_scale_max", "logit_scale = ln 100, the clamp's upper end: logits up to 100")
 def _clip_max(rng):
-    img, txt = _clip_pair(rng, 6, 8)
+    img, txt = tight_views(rng, 6, 8)  # cosines near 1: logits near 100 yet an unsaturated softmax
     return (img, txt, np.asarray(LN100)), {}
 
 
 @F.edge("clip", "n2", "N = 2 image-text pairs")
 def _clip_n2(rng):
     img, txt = _clip_pair(rng, 2, 5)
-    return (img, txt, np.asarray(math.log(1 / 0.07))), {}
+    return (img, txt, np.asarray(1.0)), {}
 
 
 @F.edge("clip", "duplicate_rows", "pair 1 repeats pair 0: a negative with the positive's logit")
 def _clip_dup(rng):
     img, txt = _clip_pair(rng, 5, 6)
     img[1], txt[1] = img[0], txt[0]
-    return (img, txt, np.asarray(math.log(1 / 0.07))), {}
+    return (img, txt, np.asarray(1.5)), {}
 
 
 @F.edge("clip", "large_norms", "row norms 1e2..1e4: cosines, so the L2 normalisation must be there")
@@ -102,10 +101,14 @@ def _clip_norms(rng):
 SUPCON = ("supcon", "supcon_in")
 
 
-def _labelled(rng, labels, views, d, spread=0.7):
+def _labelled(rng, labels, views, d, spread=1.0, tight=False):
+    """Class centres plus per-view noise; ``tight`` puts everything near one unit direction (tau = 0.01)."""
     b = len(labels)
     centers = rng.standard_normal((max(labels) + 1, 1, d))
     z = centers[labels] + spread * rng.standard_normal((b, views, d))
+    if tight:
+        u = rng.standard_normal(d)
+        z = u / np.linalg.norm(u) + 0.1 * z / np.sqrt(d)
     return z, np.asarray(labels, dtype=np.int64)
 
 
@@ -113,12 +116,12 @@ def _labelled(rng, labels, views, d, spread=0.7):
         "one view, labels 0 0 1 2 2 3: anchors 2 and 5 have no positive; they add 0 but count in the mean")
 def _sc_nopos(rng):
     z, y = _labelled(rng, [0, 0, 1, 2, 2, 3], 1, 5)
-    return (z, y), {"temperature": 0.1}
+    return (z, y), {"temperature": 0.5}
 
 
 @F.edge(SUPCON, "tau_0.01", "temperature 0.01: logits up to 100 (float32 overflow without a max shift)")
 def _sc_tau(rng):
-    z, y = _labelled(rng, [0, 1, 0, 2, 1], 2, 6)
+    z, y = _labelled(rng, [0, 1, 0, 2, 1], 2, 6, tight=True)
     return (z, y), {"temperature": 0.01}
 
 
