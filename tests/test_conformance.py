@@ -528,8 +528,9 @@ def test_exit_status_is_0_exactly_when_every_case_passes(capsys, monkeypatch):
     base = ["conformance", "--op", "info_nce", "--dtype", "float32"]
     assert cli.main(base + ["--port", "tests.test_conformance:np_info_nce"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == len(build_cases("info_nce", dtype="float32")) + 1 and "cases pass" in out[-1]
-    assert all(line.split()[-1] == "pass" for line in out[:-1])
+    assert len(out) == len(build_cases("info_nce", dtype="float32")) + 2 and "cases pass" in out[-1]
+    assert out[0].startswith("info_nce: tests.test_conformance:np_info_nce (numpy), 5 cases")
+    assert all(line.split()[-1] == "pass" for line in out[1:-1])
     assert cli.main(base + ["--port", "tests.test_conformance:np_info_nce_official"]) == 1
     assert "official SimCLR NT-Xent" in capsys.readouterr().out
     assert cli.main(base + ["--port", "tests/test_conformance.py:np_info_nce_naive"]) == 1

@@ -97,8 +97,12 @@ class Report:
             return head + f"; every failing case: {bad[0].explanation}"
         return head
 
+    def header(self) -> str:
+        return (f"{self.op}: {self.port} ({self.framework}), {len(self.results)} cases; errors are "
+                "max|port - refssl| / max|refssl| of the value and of the worst gradient")
+
     def __str__(self) -> str:
-        return "\n".join(self.lines() + [self.summary()])
+        return "\n".join([self.header()] + self.lines() + [self.summary()])
 
 
 def _finite(a) -> bool:

@@ -85,8 +85,9 @@ CONVENTIONS: tuple[Convention, ...] = (
                "refssl's base_temperature=None means τ_base = τ (factor 1)",
                factor=lambda c: _tau(c) / 0.07, applies=lambda c: c.hyper.get("base_temperature") is None),
     Convention("supcon", "M/M_pos", "pytorch-metric-learning SupConLoss averaging",
-               "it averages only over the anchors that have a positive; the official code (and refssl) "
-               "counts every anchor", factor=_supcon_anchor_ratio),
+               "it averages only over the anchors with a non-zero loss (those with a positive) and has no "
+               "τ/τ_base; the official code (and refssl) counts every anchor", factor=_supcon_anchor_ratio,
+               applies=lambda c: c.hyper.get("base_temperature") is None),
     Convention("barlow_twins", "0.025", "solo-learn Barlow Twins scale",
                "solo-learn's barlow_loss_func multiplies the loss by scale_loss = 0.025 (its default λ is 5e-3)",
                factor=lambda c: 0.025),
