@@ -476,6 +476,22 @@ def test_conventions_table_rows_are_complete():
     assert {"info_nce", "barlow_twins", "vicreg", "byol", "moco_v3", "supcon", "*"} <= named
 
 
+def test_docs_list_every_convention_and_stop_gradient_input():
+    text = (ROOT / "docs" / "conformance.md").read_text(encoding="utf-8")
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2])
+            for line in text.splitlines() if line.startswith("|")}
+    for c in conventions.CONVENTIONS + conventions.GENERIC:
+        assert (c.op or "any", c.label) in rows, (c.op, c.label)
+    sg_rows = {line.strip().strip("|").split("|")[0].strip(): line.strip().strip("|").split("|")[1].strip()
+               for line in text.splitlines() if line.strip().startswith("|") and line.count("|") == 3}
+    for op, inputs in STOP_GRADIENT.items():
+        assert sg_rows.get(op) == ", ".join(inputs), op
+    for heading in ("## Check a port in three commands", "## How tolerances are chosen", "## Schema",
+                    "## Known conventions", "## Sharded batches", "## Memory-bounded InfoNCE and CLIP"):
+        assert heading in text
+    assert "docs/conformance.md" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
 # ------------------------------------------------------------------------------------------- usage
 
 def _one_line(text):
@@ -548,6 +564,15 @@ def test_a_port_that_raises_fails_its_case_without_a_traceback(capsys, monkeypat
 
 
 # -------------------------------------------------------------------------------------------- torch
+
+def test_refssl_and_the_kit_import_no_framework():
+    """torch and jax are imported only when a port of that framework is checked."""
+    code = ("import sys, refssl.conformance, refssl.__main__; from refssl import registry; registry.names(); "
+            "refssl.conformance.build_cases('info_nce'); "
+            "print(sorted(m for m in ('torch', 'jax') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr
+
 
 def test_torch_port_passes_through_the_command_line(capsys, monkeypatch):
     pytest.importorskip("torch", reason="torch is not installed: the torch path of the kit is not exercised")
