@@ -97,12 +97,18 @@ def _conformance(args) -> int:
     return 0 if report.ok else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (a missing option, an invalid choice) and status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     def fmt(prog):
         return argparse.RawDescriptionHelpFormatter(prog, max_help_position=20, width=100)
 
-    parser = argparse.ArgumentParser(prog="python -m refssl", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=fmt)
+    parser = _Parser(prog="python -m refssl", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, title="commands")
     sub.add_parser("list", help="list the registered ops with their references and derivation files")
     p = sub.add_parser("gradcheck", help="check every registered backward against float64 finite differences")

@@ -588,3 +588,22 @@ def test_torch_loss_class_and_missing_detach():
     assert check("simsiam", TorchSimSiam, framework="torch").ok
     report = check("byol", torch_byol_without_detach, framework="torch", dtype="float64")
     assert not report.ok and all("stop-gradient" in r.explanation for r in report.results)
+
+
+def test_a_port_with_the_wrong_output_shape_is_explained():
+    def per_sample(z1, z2, temperature=0.1):
+        loss, grads = np_info_nce(z1, z2, temperature)
+        return np.full(z1.shape[0], loss), grads
+
+    report = check("info_nce", per_sample, dtype="float64")
+    assert all(r.explanation.startswith("value has shape (") for r in report.results)
+
+
+@pytest.mark.parametrize("argv", [["conformance", "--op", "info_nce"],
+                                  ["conformance", "--op", "info_nce", "--port", "m:f", "--framework", "tf"],
+                                  ["conformance", "--op", "info_nce", "--port", "m:f", "--dtype", "float16"]])
+def test_argument_errors_are_one_line_and_status_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert "error:" in _one_line(capsys.readouterr().err)

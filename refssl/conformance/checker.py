@@ -229,9 +229,10 @@ def _compare(op, case, res) -> CaseResult:
     worst = max(names, key=lambda n: grad_errors[n]) if names else None
     grad_error = grad_errors[worst] if worst else 0.0
     result = CaseResult(case, value_error, grad_error, worst, False, notes=list(res.notes))
-    problems = []
     if np.shape(res.value) != case.expected_out.shape:
-        problems.append(f"value has shape {np.shape(res.value)}, refssl's {case.expected_out.shape}")
+        result.explanation = f"value has shape {np.shape(res.value)}, refssl's {case.expected_out.shape}"
+        return result
+    problems = []
     scale = max((float(np.max(np.abs(g))) for g in case.expected_grads.values() if g.size), default=1.0)
     leaked = [n for n in case.stop_gradient
               if res.grads.get(n) is not None and float(np.max(np.abs(res.grads[n]), initial=0)) > case.tolerance * scale]

@@ -23,6 +23,7 @@ a gradient (data, labels, masks, queues, running statistics) are passed untracke
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import inspect
@@ -148,7 +149,7 @@ class Adapter:
     # -- binding ------------------------------------------------------------------------------------
     def split_hyper(self, hyper: dict) -> tuple[dict, dict]:
         """(constructor keywords, call keywords) after renaming."""
-        mapped = _map_hyper(hyper, self.name_map)
+        mapped = _map_hyper(copy.deepcopy(hyper), self.name_map)  # a port may not alter the suite's lists
         if not self.is_class:
             return {}, mapped
         sig = _signature(self.port)
@@ -247,7 +248,10 @@ def _raised_by_binding(e: TypeError, fn, n_args, call_kw) -> bool:
 
 
 def _kw(d: dict) -> str:
-    return "{" + ", ".join(f"{k}={v!r}" for k, v in d.items()) + "}" if d else "(none)"
+    def show(v):
+        return f"<array {np.shape(v)}>" if isinstance(v, np.ndarray) else repr(v)
+
+    return "{" + ", ".join(f"{k}={show(v)}" for k, v in d.items()) + "}" if d else "(none)"
 
 
 # ------------------------------------------------------------------------------------------------ numpy
@@ -320,28 +324,27 @@ def _dtype_name(x) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ torch
+# The frameworks are loaded at run time, by name, only when a port of that framework is checked (as
+# the port's own module is): refssl itself depends on neither.
 
 class TorchAdapter(Adapter):
     framework = "torch"
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
-        import torch  # noqa: F401  (checked by adapter())
+        self.torch = importlib.import_module("torch")
 
     def _tensors(self, case, track):
-        import torch
-
         tensors = []
         for name, a in case.inputs.items():
-            t = torch.from_numpy(np.array(a, copy=True))
+            t = self.torch.from_numpy(np.array(a, copy=True))
             if name in track:
                 t.requires_grad_(True)
             tensors.append(t)
         return tensors
 
     def _forward_backward(self, case, track):
-        import torch
-
+        torch = self.torch
         fn, call_kw = self._callable(case)
         tensors = self._tensors(case, track)
         out = self._invoke(fn, tensors, call_kw)
@@ -360,26 +363,25 @@ class TorchAdapter(Adapter):
         return out, grads
 
     def _run(self, case, res):
-        import torch
-
         track = set(case.differentiable) | set(case.stop_gradient)
         try:
             out, grads = self._forward_backward(case, track)
         except RuntimeError as e:
-            if not case.stop_gradient or "grad" not in str(e).lower() or not track - set(case.differentiable):
+            if not case.stop_gradient or "grad" not in str(e).lower():
                 raise
-            # e.g. an in-place update of a queue the port does not expect to track: retry as the spec says
+            # e.g. an in-place update of an input the port does not expect to be tracked: retry as the
+            # calling convention has it, with only the differentiable inputs tracked
             out, grads = self._forward_backward(case, set(case.differentiable))
             res.notes.append("stop-gradient inputs could not be tracked (in-place use); not checked")
         res.value_dtype = _dtype_name(out)
-        res.value = out.detach().to(torch.float64).cpu().numpy()
+        res.value = out.detach().to(self.torch.float64).cpu().numpy()
         for name in case.inputs:
             g = grads.get(name)
             if g is None:
                 res.grads[name] = None
             else:
                 res.grad_dtypes[name] = _dtype_name(g)
-                res.grads[name] = g.detach().to(torch.float64).cpu().numpy()
+                res.grads[name] = g.detach().to(self.torch.float64).cpu().numpy()
 
 
 # -------------------------------------------------------------------------------------------------- jax
@@ -389,14 +391,12 @@ class JaxAdapter(Adapter):
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
-        import jax
-
-        jax.config.update("jax_enable_x64", True)  # float64 cases stay float64
+        self.jax = importlib.import_module("jax")
+        self.jnp = importlib.import_module("jax.numpy")
+        self.jax.config.update("jax_enable_x64", True)  # float64 cases stay float64
 
     def _run(self, case, res):
-        import jax
-        import jax.numpy as jnp
-
+        jax, jnp = self.jax, self.jnp
         fn, call_kw = self._callable(case)
         names = list(case.inputs)
         arrays = [jnp.asarray(a) for a in case.inputs.values()]
