@@ -128,10 +128,11 @@ def _match_convention(op, case, value, grads) -> tuple[str, str, float] | None:
                 continue
             if conv.variant is not None:
                 inputs = C._cast(tuple(case.inputs.values()), np.float64)
-                out, g = C.evaluate(op, inputs, conv.variant(dict(case.hyper)), case.upstream)
+                out, g = C.evaluate(op, inputs, conv.variant(dict(case.hyper)),
+                                    np.asarray(case.upstream, dtype=np.float64))
                 want_g = {n: np.asarray(g[k]) for k, n in enumerate(case.inputs) if n in names}
                 if _fits(value, grads, out, want_g, names, case.tolerance):
-                    return (f"= refssl with the {conv.label}: {conv.name}", conv, None)
+                    return (f"value and gradients = refssl's with the {conv.label}: {conv.name}", conv, None)
                 continue
             f, b = conv.value_factor(case), conv.value_offset(case)
         except (KeyError, ValueError, TypeError, ZeroDivisionError):
