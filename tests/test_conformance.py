@@ -8,7 +8,6 @@ the op docstrings; ports with a known bug are built from them by scaling or brea
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from refssl import __main__ as cli
 from refssl.conformance import UsageError, build_cases, check, conventions, degeneracies, edges, export
 from refssl.conformance.cases import STOP_GRADIENT, argument_names
 from refssl.conformance.suite import load_cases, load_manifest
-from refssl.conformance.tolerance import KAPPA_MAX, rel_error
+from refssl.conformance.tolerance import KAPPA_MAX
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = registry.names()

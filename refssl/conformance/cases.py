@@ -27,7 +27,8 @@ from .. import registry
 from . import edges as E
 from .tolerance import EPS32, KAPPA_MAX, rel_error, tolerances
 
-__all__ = ["Case", "STOP_GRADIENT", "build_cases", "degeneracies", "argument_names", "hyper_defaults", "evaluate", "DTYPES"]
+__all__ = ["Case", "STOP_GRADIENT", "build_cases", "degeneracies", "argument_names", "hyper_defaults", "evaluate",
+           "DTYPES"]
 
 DTYPES = ("float64", "float32")
 EXAMPLE = "example"

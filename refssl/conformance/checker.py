@@ -235,12 +235,12 @@ def _compare(op, case, res) -> CaseResult:
         return result
     problems = []
     scale = max((float(np.max(np.abs(g))) for g in case.expected_grads.values() if g.size), default=1.0)
-    leaked = [n for n in case.stop_gradient
-              if res.grads.get(n) is not None and float(np.max(np.abs(res.grads[n]), initial=0)) > case.tolerance * scale]
+    leaked = [n for n in case.stop_gradient if res.grads.get(n) is not None
+              and float(np.max(np.abs(res.grads[n]), initial=0)) > case.tolerance * scale]
     if leaked:
-        who = ", ".join(leaked)
-        problems.append(f"{who} {'gets a gradient but is a stop-gradient input' if len(leaked) == 1 else 'get gradients but are stop-gradient inputs'} "
-                        "in refssl (missing detach / stop_gradient)")
+        what = ("gets a gradient but is a stop-gradient input" if len(leaked) == 1
+                else "get gradients but are stop-gradient inputs")
+        problems.append(f"{', '.join(leaked)} {what} in refssl (missing detach / stop_gradient)")
     wrong_dtype = [f"value is {res.value_dtype}"] if res.value_dtype not in (None, case.dtype) else []
     wrong_dtype += [f"gradient of {n} is {d}" for n, d in res.grad_dtypes.items()
                     if n in names and d not in (None, case.dtype)]

@@ -170,7 +170,8 @@ class Adapter:
                 try:
                     sig.bind(**init_kw)
                 except TypeError as e:
-                    raise UsageError(f"port class {self.label} cannot be constructed with {_kw(init_kw)}: {e}") from None
+                    raise UsageError(f"port class {self.label} cannot be constructed with {_kw(init_kw)}: "
+                                     f"{e}") from None
             try:
                 instance = self.port(**init_kw)
             except Exception:  # e.g. it rejects a value: reported as that case's failure when it runs
