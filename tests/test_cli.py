@@ -46,7 +46,7 @@ def test_unwritable_golden_out_is_one_line(tmp_path, capsys, where):
         if not Path("/proc").is_dir():
             pytest.skip("no /proc")
     assert cli.main(["golden", "--out", str(out), "relu"]) == 1
-    assert "cannot write golden vectors" in _one_line(capsys.readouterr().err)
+    assert "cannot write the spec suite" in _one_line(capsys.readouterr().err)
 
 
 def test_golden_out_with_foreign_files_is_refused(tmp_path, capsys):
@@ -101,7 +101,7 @@ def test_top_level_help_lists_the_commands(capsys):
         cli.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for command in ("list", "gradcheck", "golden"):
+    for command in ("list", "gradcheck", "spec", "golden", "conformance"):
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(command + " "))
         assert len(line.split()) > 3, line  # the command and a description on one line
     assert "docstring" not in text and "examples:" in text

@@ -1,4 +1,4 @@
-"""Golden-vector export: complete, faithful to the ops, and loadable."""
+"""Golden vectors (now the spec suites, `golden` an alias of `spec`): complete, faithful to the ops, loadable."""
 
 import numpy as np
 import pytest
@@ -29,7 +29,10 @@ def test_golden_vectors_reproduce_forward_and_backward(exported, name):
 
 
 def test_cli_exports_named_ops(tmp_path):
+    """`golden` is an alias of `spec`: one file per case of the named op, plus the manifest."""
     from refssl.__main__ import main
+    from refssl.conformance import build_cases
 
     assert main(["golden", "info_nce", "--out", str(tmp_path)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["info_nce.npz", "manifest.json"]
+    expected = sorted(f"info_nce.{c.name}.{c.dtype}.npz" for c in build_cases("info_nce")) + ["manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
