@@ -6,8 +6,8 @@ parameter themselves, so all a loop needs is
 
     objective(params, step) -> (loss, grads)          # grads: the keys of params
 
-and an optimiser of :mod:`refssl.optim`.  ``after_step(step, params, info)`` runs after each update (EMA
-codebooks, clamps, logging of extra metrics).
+and an optimiser of :mod:`refssl.optim`.  ``after_step(step, params)`` runs after each update (EMA
+codebooks, logging of extra metrics); its return value is ignored.
 """
 
 from __future__ import annotations

@@ -9,9 +9,16 @@ itself with :func:`toy_experiments.framework.experiment`.
 """
 
 import importlib
+import os
 import pkgutil
 
-from .framework import EXPERIMENTS, experiment, run_experiment  # noqa: F401
+# The networks here are small: multi-threaded BLAS gains little on their matrices and loses several times
+# over when other processes share the cores.  One thread unless the caller chose otherwise.  This must run
+# before anything imports numpy: ``python -m toy_experiments`` imports this package before ``__main__``.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from .framework import EXPERIMENTS, experiment, run_experiment  # noqa: F401,E402
 
 
 def load_all() -> dict:
