@@ -18,9 +18,11 @@ that is small by cancellation, is compared at the resolution of the case, not of
   case (cancellation inside a normalisation layer, the logit-scale gradient of CLIP) costs any float32
   implementation that much, and the float64 comparison already pins the function itself.
 
-Measured on seeds 0-99 (tests/test_torch_port.py runs 0-4): worst float64 error 8.5e-13 * scale (CLIP's
-logit-scale gradient), worst float32 0.21 of its tolerance (l2_normalize at D = 1, a gradient that is
-exactly zero).  A deliberately wrong port (x2 scale) fails on the value and on every gradient.
+Measured on the examples of seeds 0-99 (the test runs 0-4, and 0-2 of each variant): worst float64
+error 8.5e-13 * scale (CLIP's logit-scale gradient); worst float32 |port - ref32| 1.1e-4 * scale
+(layer_norm's input gradient, where refssl's own float32 error is 8.3e-4 * scale), at most 0.21 of the
+float32 tolerance (l2_normalize at D = 1, a gradient that is exactly zero).  A deliberately wrong port
+(x2 scale) fails on the value and on every gradient.
 """
 
 import numpy as np
@@ -69,14 +71,21 @@ def _run_port(fn, op, args, kwargs, g, grad_positions):
     return out, ts
 
 
-def compare(name, fn, seed, dtype):
+def compare(name, fn, seed, dtype, update=None, transform=None, extra_grads=()):
     """Run refssl and the port ``fn`` on the example of ``name``; return (rows, failures).
 
+    ``update`` overrides hyperparameters of the example, ``transform(args)`` changes its arrays,
+    ``extra_grads`` adds input positions to compare beyond ``op.differentiable`` (icon's learn_p).
     rows: (label, max abs error, tolerance) for the value and every differentiable input's gradient.
     """
     op = registry.get(name)
     rng = np.random.default_rng(seed)
     args, kwargs = op.example(rng, dtype)
+    kwargs = {**kwargs, **(update or {})}
+    if transform is not None:
+        args = tuple(transform(list(args)))
+    # an optional input set to None (a bias, a key mask) has no gradient slot to compare
+    positions = tuple(i for i in tuple(op.differentiable) + tuple(extra_grads) if args[i] is not None)
     out, cache = op.forward(*args, **kwargs)
     g = np.asarray(rng.standard_normal(np.shape(out)), dtype=dtype)
     grads = op.backward(cache, g)
@@ -85,18 +94,18 @@ def compare(name, fn, seed, dtype):
     out64, cache64 = op.forward(*args64, **kwargs)
     grads64 = op.backward(cache64, g.astype(np.float64))
 
-    pout, ts = _run_port(fn, op, args, kwargs, g, op.differentiable)
+    pout, ts = _run_port(fn, op, args, kwargs, g, positions)
     expect_dtype = torch.float64 if dtype == np.float64 else torch.float32
     assert pout.dtype == expect_dtype, f"{name}: port output {pout.dtype} for {np.dtype(dtype).name} input"
     assert tuple(pout.shape) == np.shape(out), f"{name}: port output shape {tuple(pout.shape)} vs {np.shape(out)}"
 
-    labels = ["value"] + [f"grad[{i}]" for i in op.differentiable]
+    labels = ["value"] + [f"grad[{i}]" for i in positions]
     ours = [pout.detach().numpy()]
-    for i in op.differentiable:
+    for i in positions:
         assert ts[i].grad is not None, f"{name}: the port gives no gradient to differentiable input {i}"
         ours.append(ts[i].grad.numpy())
-    ref = [np.asarray(out)] + [grads[i] for i in op.differentiable]
-    ref64 = [np.asarray(out64)] + [grads64[i] for i in op.differentiable]
+    ref = [np.asarray(out)] + [grads[i] for i in positions]
+    ref64 = [np.asarray(out64)] + [grads64[i] for i in positions]
     case = max([_maxabs(r) for r in ref64] + [_maxabs(g)]
                + [_maxabs(a) for a in args64 if isinstance(a, np.ndarray) and a.dtype.kind == "f"])
 
@@ -130,6 +139,85 @@ def test_port_matches_refssl(name, dtype):
     failures = []
     for seed in SEEDS:
         failures += compare(name, fn, seed, dtype)[1]
+    assert not failures, "\n".join(failures)
+
+
+def _set(i, value):
+    def transform(args):
+        args[i] = value(args[i]) if callable(value) else value
+        return args
+    return transform
+
+
+def _supcon_rows(args):
+    # the (M, D) form with per-row labels: view 0 of each sample, labels with repeats kept
+    return [args[0][:, 0, :], args[1]]
+
+
+# hyperparameters and input forms that the registered examples do not (always) draw
+VARIANTS = [
+    ("info_nce", {"normalize": False, "temperature": 0.5}, None),
+    ("info_nce", {"temperature": 0.05}, None),
+    ("debiased_info_nce", {"tau_plus": 0.0}, None),
+    ("debiased_info_nce", {"tau_plus": 0.3, "temperature": 0.2}, None),
+    ("supcon", {"base_temperature": 0.07}, None),
+    ("supcon", {}, _supcon_rows),
+    ("supcon_in", {"base_temperature": 0.07, "temperature": 0.2}, None),
+    ("supcon_in", {}, _supcon_rows),
+    ("icon", {"alpha_q": 0.2}, None),
+    ("icon", {"alpha": 0.0}, None),
+    ("hsic", {"kernel": "linear", "sigma": None}, None),
+    ("hsic", {"kernel": "gaussian", "sigma": None}, None),
+    ("vicreg", {"batch_size": 32, "sim_coeff": 10.0, "std_coeff": 5.0, "cov_coeff": 2.0}, None),
+    ("barlow_twins", {"lambd": 0.5, "eps": 1e-3}, None),
+    ("barlow_twins_hsic", {"normalization": "tsai"}, None),
+    ("barlow_twins_hsic", {"normalization": "batchnorm"}, None),
+    ("gaussian_ib", {"beta": 4.0, "eps": 1e-3, "standardize_views": False}, None),
+    ("student_t_kernel", {"gamma": 2.0, "nu": 0.5}, None),
+    ("gaussian_kernel", {"sigma": 0.5, "metric": "cosine"}, None),
+    ("alignment", {"alpha": 1}, None),
+    ("alignment", {"alpha": 3}, None),
+    ("uniformity", {"t": 0.5}, None),
+    ("moco_v3", {"temperature": 0.2}, None),
+    ("moco_queue", {"temperature": 0.07}, None),
+    ("nnclr", {"temperature": 0.5}, None),
+    ("dino", {"student_temp": 0.2, "teacher_temp": 0.07}, _set(2, lambda c: c.reshape(-1))),
+    ("mean_shift", {"k": 1}, None),
+    ("sne", {"kernel": "gaussian"}, None),
+    ("sne", {"kernel": "cauchy"}, None),
+    ("mae_loss", {"norm_pix": False}, _set(2, lambda m: m.astype(np.float64))),
+    ("mae_loss", {"norm_pix": True}, None),
+    ("linear", {}, _set(2, None)),
+    ("conv2d", {}, _set(2, None)),
+    ("conv_transpose2d", {}, _set(2, None)),
+    ("scaled_dot_product_attention", {}, _set(3, None)),
+    ("multi_head_attention", {}, _set(5, None)),
+    ("multi_head_attention", {}, _set(2, None)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name, update, transform", VARIANTS,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(VARIANTS)])
+def test_port_matches_refssl_on_variants(name, update, transform, dtype):
+    fn = _ops()[name]
+
+    def cast(args):  # keep float inputs in the dtype under test after a transform
+        args = transform(args) if transform is not None else args
+        return [a.astype(dtype) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a for a in args]
+
+    failures = []
+    for seed in range(3):
+        failures += compare(name, fn, seed, dtype, update, cast)[1]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_icon_learned_p_gets_refssls_gradient(dtype):
+    """With learn_p=True the supervisory p is a parameter: the port's autograd gradient for it matches refssl's."""
+    failures = []
+    for seed in range(3):
+        failures += compare("icon", _ops()["icon"], seed, dtype, {"learn_p": True}, extra_grads=(0,))[1]
     assert not failures, "\n".join(failures)
 
 

@@ -489,8 +489,11 @@ def icon(p, logits, *, alpha=0.0, alpha_q=0.0, mask_diagonal=True, learn_p=False
         logits = logits.masked_fill(_eye(n, logits), float("-inf"))
     logq = torch.log_softmax(logits, dim=1)
     if alpha_q:
-        # log((1 - a) q + a u) as a log-sum of the two parts; -inf where both vanish (the self entry)
-        logq = torch.logaddexp(math.log1p(-alpha_q) + logq, math.log(alpha_q) + torch.log(u))
+        # log((1 - a) q + a u) as a log-sum of the two parts.  Outside the support (the masked self entry)
+        # both parts are -inf: placeholders keep logaddexp's backward finite there (p~ = 0 drops the entry)
+        out = u == 0
+        logq = torch.logaddexp((math.log1p(-alpha_q) + logq).masked_fill(out, 0.0),
+                               math.log(alpha_q) + torch.log(u.masked_fill(out, 1.0)))
     pt = (1.0 - alpha) * p + alpha * u
     support = pt > 0
     safe_pt = torch.where(support, pt, torch.ones_like(pt))
