@@ -23,6 +23,10 @@ error 8.5e-13 * scale (CLIP's logit-scale gradient); worst float32 |port - ref32
 (layer_norm's input gradient, where refssl's own float32 error is 8.3e-4 * scale), at most 0.21 of the
 float32 tolerance (l2_normalize at D = 1, a gradient that is exactly zero).  A deliberately wrong port
 (x2 scale) fails on the value and on every gradient.
+
+When the conformance kit (``refssl.conformance``) is in the checkout, the port also runs through every
+op's spec suite with the kit's own tolerances, and the kit must name the official SimCLR scale of a
+doubled NT-Xent port; without the kit those two tests skip with that reason.
 """
 
 import numpy as np
@@ -257,3 +261,40 @@ def test_a_port_with_twice_the_scale_fails(name, dtype):
     rows, failures = compare(name, doubled, 0, dtype)
     assert len(failures) == len(rows), rows
     assert not compare(name, fn, 0, dtype)[1]
+
+
+def _kit_check():
+    try:
+        from refssl.conformance import check
+    except ImportError:
+        return None
+    return check
+
+
+needs_kit = pytest.mark.skipif(
+    _kit_check() is None, reason="refssl.conformance (the conformance kit) is not in this checkout")
+
+
+@needs_kit
+def test_port_passes_the_conformance_kit():
+    """Every op's spec suite (example + its family's edge cases, float64 and float32, the kit's own
+    tolerances) through ``refssl.conformance.check`` with ``framework="torch"``."""
+    check = _kit_check()
+    failing = []
+    for name, fn in _ops().items():
+        report = check(name, fn, framework="torch")
+        if not report.ok:
+            failing.append(str(report))
+    assert not failing, "\n\n".join(failing)
+
+
+@needs_kit
+def test_kit_names_the_official_simclr_scale_of_a_doubled_port():
+    fn = _ops()["info_nce"]
+
+    def nt_xent_official(z1, z2, temperature=0.1):
+        return 2 * fn(z1, z2, temperature=temperature)
+
+    report = _kit_check()("info_nce", nt_xent_official, framework="torch")
+    assert not report.ok
+    assert "official SimCLR NT-Xent scale" in str(report)
