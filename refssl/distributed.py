@@ -201,7 +201,7 @@ def _info_nce_rank(z1, z2, z1_all, z2_all, rank, temperature, offset_labels):
         V.float_array(a, nm, ndim=2, shape_doc="(N, D)")
     V.same_shape([z1, z2], ["z1", "z2"])
     V.same_shape([z1_all, z2_all], ["z1_all", "z2_all"])
-    k, rank = _world(z1, z1_all, rank, "z1", "z1_all")
+    _, rank = _world(z1, z1_all, rank, "z1", "z1_all")
     tau = V.positive(temperature, "temperature")
     n, n_g = z1.shape[0], z1_all.shape[0]
     u_loc, c_loc = _normalize(np.concatenate([z1, z2]))          # (2n, D): anchors
@@ -225,7 +225,8 @@ def info_nce_rank(z1, z2, z1_all, z2_all, *, rank, temperature=0.1):
     """Rank ``rank``'s NT-Xent loss (refssl's paper scale): local anchors, gathered columns.
 
         u = [z1; z2] / ||.||  (2n local anchors),   U = [z1_all; z2_all] / ||.||  (2N_g columns)
-        L_r = 1/(2n) sum_{local anchors a} [ -U_pos(a) . u_a / tau + log sum_{c != self(a)} exp(U_c . u_a / tau) ]
+        L_r = 1/(2n) sum_{local anchors a} [ -U_pos(a) . u_a / tau
+                                             + log sum_{c != self(a)} exp(U_c . u_a / tau) ]
 
     with local row i of view 1 at global column g = rank n + i, its positive at N_g + g (view 2) and
     vice versa (labels offset by rank, as the official TF code).  mean_r L_r = info_nce(z1_all, z2_all);
@@ -630,11 +631,9 @@ def run(method, k: int, *arrays, forward=None, reduce=reduce_gradients, **hyper)
         gath.append(g[ns:ns + ng])
         rep.append(g[ns + ng:])
     grads = [dict() for _ in range(k)]
-    for nm in set(m.sharded) | set(m.gathered):
-        lg = [local[r][m.sharded.index(nm)] if nm in m.sharded else None for r in range(k)]
+    for nm in m.sharded:   # gathered-only inputs (MoCo v3's keys) are stop-gradient
+        lg = [local[r][m.sharded.index(nm)] for r in range(k)]
         gg = [gath[r][m.gathered.index(nm)] if nm in m.gathered else None for r in range(k)]
-        if nm not in m.sharded:   # gathered-only inputs (moco keys) are stop-gradient
-            continue
         for r, gr in enumerate(reduce(lg, gg)):
             if gr is not None:
                 grads[r][nm] = gr

@@ -136,7 +136,8 @@ def dino_center_update(center, teacher, momentum=0.9):
 # ------------------------------------------------------------------------------------------ worker
 _LOSSES = {"info_nce": (info_nce_rank, ("z1", "z2")), "clip": (clip_rank, ("img", "txt")),
            "supcon": (supcon_rank, ("z", "labels")), "moco_v3": (moco_v3_rank, ("q1", "q2", "k1", "k2")),
-           "barlow_twins": (barlow_twins_rank, ("z1", "z2")), "barlow_twins_raw": (barlow_twins_rank, ("z1", "z2")),
+           "barlow_twins": (barlow_twins_rank, ("z1", "z2")),
+           "barlow_twins_raw": (barlow_twins_rank, ("z1", "z2")),
            "vicreg": (vicreg_rank, ("x", "y"))}
 _NO_GRAD = {"labels", "k1", "k2"}
 
