@@ -1,16 +1,28 @@
-"""2-D convolution (im2col + one GEMM) and its adjoint, the transposed convolution.
+"""2-D convolution and its adjoint, the transposed convolution (NCHW at the interface).
 
-Both ops take NCHW tensors at their interface but work internally in NHWC, where every im2col row is a
-run of contiguous channel vectors: the window gather is a strided view (``as_strided``, no copy) that one
-``reshape`` turns into the column matrix, and the GEMM is a single ``@``.  The column matrix is kept in the
-cache and reused for the weight gradient.  The scatter-add that inverts im2col (col2im) loops over the
-KH*KW kernel offsets -- never over samples or pixels -- and reads one contiguous block per offset.
+Stride 1 (every convolution of the CNN encoder) uses the *shifted-rows* formulation: the zero-padded input
+is stored channels-last and flattened to an (N*Hp*Wp, C) matrix ``xf`` whose row r is padded pixel r.  The
+window of the output pixel whose top-left corner is padded pixel r covers rows r + p*Wp + q of ``xf``, so
+
+    out[r] = sum_{p, q} xf[r + p*Wp + q] @ W[p, q]          (W[p, q] the (C, F) weights at offset (p, q))
+
+is a sum of KH*KW GEMMs on *row-shifted views* of one matrix: no im2col copy.  Rows r whose window runs off
+the right or bottom edge (or into the next image) are computed and discarded; the cost is the padded/valid
+area ratio.  The KW offsets of one kernel row are merged into one GEMM with K = KW*C by a single KW-times
+copy ``xk`` (row r holds pixels r .. r+KW-1), leaving KH GEMMs, accumulated in place by BLAS (beta = 1,
+``scipy.linalg.blas``: numpy's matmul cannot accumulate).  The backward is the same structure: dW[p] =
+xk_p^T g and dx = sum_{p,q} (row-shift by p*Wp + q of) g @ W[p, q]^T.
+
+Other strides use im2col: the NHWC window gather is a strided view (``as_strided``, no copy) that one
+``reshape`` turns into the column matrix, and the GEMM is a single ``@``; the scatter-add that inverts
+im2col (col2im) loops over the KH*KW kernel offsets -- never over samples or pixels.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+from scipy.linalg import blas as _blas
 
 from .. import validation as V
 from ..registry import register
@@ -61,24 +73,110 @@ def _check_conv_hyper(stride, padding):
     return V.positive_int(stride, "stride"), nonneg_int(padding, "padding")
 
 
-def conv2d_forward(x, w, b, *, stride=1, padding=0):
-    """2-D cross-correlation (what deep-learning libraries call convolution), NCHW.
+_GEMM = {np.dtype(np.float32): _blas.sgemm, np.dtype(np.float64): _blas.dgemm}
 
-        out[n, f, i, j] = b[f] + sum_{c, p, q} w[f, c, p, q] * xpad[n, c, stride*i + p, stride*j + q]
 
-    with xpad the input zero-padded by ``padding`` on each spatial side.
-    Shapes: x (N, C, H, W), w (F, C, KH, KW), b (F,) or ``None`` -> out (N, F, Ho, Wo) with
-    Ho = (H + 2*padding - KH) // stride + 1 (likewise Wo); PyTorch ``nn.Conv2d`` layout and semantics
-    (dilation 1, groups 1, zero padding).
+def _blas_operand(m):
+    """(array, trans) such that BLAS (column-major) reads ``m^T`` from it without a copy."""
+    if m.flags.f_contiguous and not m.flags.c_contiguous:
+        return m, 1  # m^T is C-ordered, i.e. m itself seen column-major and transposed
+    return m.T, 0
 
-    Computed by im2col: an (N*Ho*Wo, KH*KW*C) column matrix (strided view + one copy) times the
-    reshaped weights, a single GEMM; the columns are reused for the weight gradient.  The input gradient
-    is computed per kernel offset (KH*KW GEMMs with F x C matrices) so that col2im adds contiguous blocks.
 
-    Reference: LeCun et al. 1998 (Proc. IEEE), "Gradient-based learning applied to document recognition";
-    Chellapilla, Puri & Simard 2006 (im2col); PyTorch torch/nn/modules/conv.py.
-    Backward: derivations/layers_backward.md#conv2d.
+def _gemm_into(c, a, b, beta):
+    """c <- a @ b + beta * c in place; c is C-contiguous (e.g. a block of rows of a C-contiguous matrix).
+
+    BLAS is column-major, so it is asked for c^T = b^T a^T: the transposes of C-ordered arrays are
+    Fortran-ordered views, and an operand given as the transpose of a C-ordered array is passed with the
+    transpose flag instead, so nothing is copied.  With beta = 0 the old content of c is never read (BLAS
+    contract), so c may be uninitialised.
     """
+    (bt, tb), (at, ta) = _blas_operand(b), _blas_operand(a)
+    r = _GEMM[c.dtype](1.0, bt, at, beta=beta, c=c.T, trans_a=tb, trans_b=ta, overwrite_c=True)
+    if r.ctypes.data != c.ctypes.data:  # f2py had to work on a copy of c: write the result back
+        c[...] = r.T
+
+
+def _fill_rows(out, row):
+    """out[i] = row for every row of the C-contiguous matrix ``out``, by doubling contiguous copies
+    (a broadcast assignment loops over short rows, at several times the cost)."""
+    out[:1] = row
+    done = 1
+    while done < len(out):
+        k = min(done, len(out) - done)
+        out[done:done + k] = out[:k]
+        done += k
+
+
+def _s1_geometry(xshape, wshape, padding):
+    """Sizes of the shifted-rows formulation (stride 1): padded size, output size, rows, valid rows."""
+    n, c, h, wd = xshape
+    f, _, kh, kw = wshape
+    hp, wp = h + 2 * padding, wd + 2 * padding
+    rows = n * hp * wp
+    # Rows >= valid have a window that runs past the last row of the flattened image; every output pixel
+    # (n, i < Ho, j < Wo) sits at a row below it.
+    return hp, wp, hp - kh + 1, wp - kw + 1, rows, rows - (kh - 1) * wp - (kw - 1)
+
+
+def _conv2d_s1_forward(x, w, b, padding):
+    """Stride-1 convolution by KH accumulated GEMMs on row-shifted views (see the module docstring).
+
+    Returns the output as an (N, F, Ho, Wo) *view* of the padded channels-last result (strides of an
+    (N, Hp, Wp, F) array): no copy out of the padded layout."""
+    n, c, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    hp, wp, ho, wo, rows, valid = _s1_geometry(x.shape, w.shape, padding)
+    xp = np.zeros((n, hp, wp, c), dtype=x.dtype)
+    xp[:, padding:padding + h, padding:padding + wd, :] = x.transpose(0, 2, 3, 1)
+    xf = xp.reshape(rows, c)
+    # xk[r] = xf[r : r + KW] flattened (q-major, then channel): the KW offsets of a kernel row in one GEMM.
+    xk = xf if kw == 1 else as_strided(xf, (rows - kw + 1, kw * c), xf.strides, writeable=False).copy()
+    wk = w.transpose(2, 3, 1, 0).reshape(kh, kw * c, f)  # wk[p, q*C + c, f] = w[f, c, p, q]
+    out = np.empty((rows, f), dtype=x.dtype)
+    if b is not None:
+        _fill_rows(out[:valid], b)  # the bias as the GEMMs' starting value: no extra pass over the output
+    for p in range(kh):
+        _gemm_into(out[:valid], xk[p * wp:p * wp + valid], wk[p], 0.0 if p == 0 and b is None else 1.0)
+    y = out.reshape(n, hp, wp, f)[:, :ho, :wo, :].transpose(0, 3, 1, 2)
+    return y, ("s1", xk, w, x.shape, padding, b is not None)
+
+
+def _conv2d_s1_grads(cache, grad_out, need_dx):
+    """dW[p] = xk_p^T g, db = sum g, dx = crop(sum_{p,q} shift_{p*Wp+q}(g @ W[p, q]^T)).
+
+    dx is returned as a view of the padded channels-last gradient, like the forward's output."""
+    _, xk, w, xshape, padding, has_b = cache
+    n, c, h, wd = xshape
+    f, _, kh, kw = w.shape
+    hp, wp, ho, wo, rows, valid = _s1_geometry(xshape, w.shape, padding)
+    g = upstream(grad_out, (n, f, ho, wo), xk.dtype)
+    # g in the padded row layout of the output: row n*Hp*Wp + i*Wp + j, zero where no output pixel is.
+    gf = np.empty((rows, f), dtype=xk.dtype)
+    g4 = gf.reshape(n, hp, wp, f)
+    g4[:, :ho, :wo, :] = g.transpose(0, 2, 3, 1)
+    g4[:, ho:] = 0
+    g4[:, :ho, wo:] = 0
+    gv = gf[:valid]
+    dwk = np.empty((kh, kw * c, f), dtype=xk.dtype)
+    for p in range(kh):
+        np.matmul(xk[p * wp:p * wp + valid].T, gv, out=dwk[p])
+    dw = np.ascontiguousarray(dwk.reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
+    db = (np.ones(valid, dtype=gv.dtype) @ gv) if has_b else None  # zero rows add nothing; BLAS sums
+    if not need_dx:
+        return None, dw, db
+    wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # wt[p, q] = W[p, q]^T, (F, C)
+    dxp = np.zeros((rows, c), dtype=xk.dtype)
+    for p in range(kh):
+        for q in range(kw):
+            s = p * wp + q
+            _gemm_into(dxp[s:s + valid], gv, wt[p, q], 1.0)
+    dx = dxp.reshape(n, hp, wp, c)[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
+    return dx, dw, db
+
+
+def _conv2d(x, w, b, stride, padding):
+    """Checked conv2d; the output may be a strided view (stride-1 path)."""
     V.float_array(x, "x", ndim=4, shape_doc="(N, C, H, W)")
     V.float_array(w, "w", ndim=4, shape_doc="(F, C, KH, KW)")
     V.same_dtype([x, w], ["x", "w"])
@@ -87,11 +185,17 @@ def conv2d_forward(x, w, b, *, stride=1, padding=0):
     f, cw, kh, kw = w.shape
     if cw != c:
         raise ValueError(f"w must have shape (F, C, KH, KW) with C = x.shape[1] = {c}, got shape {w.shape}")
+    if c < 1:
+        raise ValueError(f"x must have shape (N, C, H, W) with at least one channel, got shape {x.shape}")
     hp, wp = h + 2 * padding, wd + 2 * padding
+    if kh < 1 or kw < 1:
+        raise ValueError(f"w must have a kernel of at least 1x1 (shape (F, C, KH, KW)), got shape {w.shape}")
     if kh > hp or kw > wp:
         raise ValueError(f"kernel {kh}x{kw} of w is larger than the padded input {hp}x{wp} of x")
     if b is not None:
         param(b, "b", (f,), "(F,)", x)
+    if stride == 1:
+        return _conv2d_s1_forward(x, w, b, padding)
     ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
     xp = _nhwc_padded(x, padding)
     cols = _windows(xp, kh, kw, stride, ho, wo).reshape(n * ho * wo, kh * kw * c)
@@ -100,7 +204,45 @@ def conv2d_forward(x, w, b, *, stride=1, padding=0):
     if b is not None:
         out += b
     out = np.ascontiguousarray(out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2))
-    return out, (cols, wmat, x.shape, w.shape, stride, padding, b is not None)
+    return out, ("im2col", cols, wmat, x.shape, w.shape, stride, padding, b is not None)
+
+
+def conv2d_forward(x, w, b, *, stride=1, padding=0):
+    """2-D cross-correlation (what deep-learning libraries call convolution), NCHW.
+
+        out[n, f, i, j] = b[f] + sum_{c, p, q} w[f, c, p, q] * xpad[n, c, stride*i + p, stride*j + q]
+
+    with xpad the input zero-padded by ``padding`` on each spatial side.
+    Shapes: x (N, C, H, W), w (F, C, KH, KW), b (F,) or ``None`` -> out (N, F, Ho, Wo) with
+    Ho = (H + 2*padding - KH) // stride + 1 (likewise Wo); PyTorch ``nn.Conv2d`` layout and semantics
+    (dilation 1, groups 1, zero padding).  out and the backward's dx are C-contiguous NCHW arrays
+    (:func:`conv2d_forward_strided` skips that final copy).
+
+    Stride 1: the shifted-rows formulation of the module docstring, KH GEMMs with K = KW*C accumulated in
+    place on row-shifted views of the padded channels-last input; the backward reuses the same views
+    (KH GEMMs for the weights, KH*KW for the input gradient, accumulated in place), no col2im.
+    Other strides: im2col, an (N*Ho*Wo, KH*KW*C) column matrix (strided view + one copy) times the
+    reshaped weights, a single GEMM; the input gradient is computed per kernel offset and added back by
+    col2im.
+
+    Reference: LeCun et al. 1998 (Proc. IEEE), "Gradient-based learning applied to document recognition";
+    Chellapilla, Puri & Simard 2006 (im2col); PyTorch torch/nn/modules/conv.py.
+    Backward: derivations/layers_backward.md#conv2d.
+    """
+    out, cache = _conv2d(x, w, b, stride, padding)
+    return np.ascontiguousarray(out), cache + (True,)
+
+
+def conv2d_forward_strided(x, w, b, *, stride=1, padding=0):
+    """:func:`conv2d_forward` without the final copy to a C-contiguous array: ``out`` (and the backward's
+    ``dx``) may be an (N, F, Ho, Wo) view with channels-last strides into a padded buffer.  Same values,
+    same cache protocol (:func:`conv2d_backward`, :func:`conv2d_param_grads`).
+
+    This is what :class:`refssl.nn.Conv2d` calls: the next layers (ReLU, pooling, batch norm, ...) accept
+    any strides, so the network's activations stay channels-last and no layer transposes them.
+    """
+    out, cache = _conv2d(x, w, b, stride, padding)
+    return out, cache + (False,)
 
 
 def conv2d_backward(cache, grad_out):
@@ -111,13 +253,17 @@ def conv2d_backward(cache, grad_out):
 def conv2d_param_grads(cache, grad_out):
     """(dw, db) only: the backward of a first layer, whose input (the images) needs no gradient.
 
-    Skips the dx GEMM and the col2im scatter, about half of the backward cost.
+    Skips the input-gradient GEMMs, about half of the backward cost.
     """
     return _conv2d_grads(cache, grad_out, need_dx=False)[1:]
 
 
 def _conv2d_grads(cache, grad_out, need_dx):
-    cols, wmat, xshape, wshape, stride, padding, has_b = cache
+    *cache, contiguous = cache
+    if cache[0] == "s1":
+        dx, dw, db = _conv2d_s1_grads(cache, grad_out, need_dx)
+        return (np.ascontiguousarray(dx) if contiguous and dx is not None else dx), dw, db
+    _, cols, wmat, xshape, wshape, stride, padding, has_b = cache
     n, c, h, wd = xshape
     f, _, kh, kw = wshape
     ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
