@@ -1,21 +1,21 @@
 """2-D convolution and its adjoint, the transposed convolution (NCHW at the interface).
 
-Stride 1 (every convolution of the CNN encoder) uses the *shifted-rows* formulation: the zero-padded input
-is stored channels-last and flattened to an (N*Hp*Wp, C) matrix ``xf`` whose row r is padded pixel r.  The
-window of the output pixel whose top-left corner is padded pixel r covers rows r + p*Wp + q of ``xf``, so
+Both ops take NCHW tensors at their interface but work internally in NHWC (channels-last), where every
+im2col row is a run of contiguous channel vectors: the window gather is a strided view (``as_strided``,
+no copy) that one ``reshape`` turns into the column matrix, and the forward is a single GEMM whose
+(N*Ho*Wo, F) result *is* the output in channels-last memory.  The column matrix is kept in the cache and
+reused for the weight gradient (one more GEMM).
 
-    out[r] = sum_{p, q} xf[r + p*Wp + q] @ W[p, q]          (W[p, q] the (C, F) weights at offset (p, q))
+The input gradient of a stride-1 convolution (every convolution of the CNN encoder) avoids col2im with the
+*shifted-rows* formulation: store the upstream gradient zero-padded and flattened, row r = output pixel
+(n, i, j) at r = n*Hp*Wp + i*Wp + j (Hp, Wp the padded input size; zero rows where no output pixel is).
+Output pixel r reads padded input pixels r + p*Wp + q, so the padded input gradient is
 
-is a sum of KH*KW GEMMs on *row-shifted views* of one matrix: no im2col copy.  Rows r whose window runs off
-the right or bottom edge (or into the next image) are computed and discarded; the cost is the padded/valid
-area ratio.  The KW offsets of one kernel row are merged into one GEMM with K = KW*C by a single KW-times
-copy ``xk`` (row r holds pixels r .. r+KW-1), leaving KH GEMMs, accumulated in place by BLAS (beta = 1,
-``scipy.linalg.blas``: numpy's matmul cannot accumulate).  The backward is the same structure: dW[p] =
-xk_p^T g and dx = sum_{p,q} (row-shift by p*Wp + q of) g @ W[p, q]^T.
+    dxp[r + p*Wp + q] += g[r] @ W[p, q]^T          for every kernel offset (p, q),
 
-Other strides use im2col: the NHWC window gather is a strided view (``as_strided``, no copy) that one
-``reshape`` turns into the column matrix, and the GEMM is a single ``@``; the scatter-add that inverts
-im2col (col2im) loops over the KH*KW kernel offsets -- never over samples or pixels.
+KH*KW GEMMs on row-shifted views of two matrices, accumulated in place by BLAS (beta = 1, through
+``scipy.linalg.blas``: numpy's matmul cannot accumulate).  Other strides use col2im: a loop over the
+KH*KW kernel offsets -- never over samples or pixels -- each a strided slice-add.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from numpy.lib.stride_tricks import as_strided
 from scipy.linalg import blas as _blas
 
 from .. import validation as V
+from .._blocks import map_batch_split
 from ..registry import register
 from ._layer_checks import nonneg_int, param, upstream
 
@@ -62,10 +63,12 @@ def _offset_gemm(a, w_offsets, kh, kw, n, ho, wo):
 
 
 def _nhwc_padded(x, padding):
-    """NCHW -> zero-padded NHWC copy (one pass)."""
+    """NCHW -> zero-padded NHWC copy (one pass, the batch split over the threads)."""
     n, c, h, w = x.shape
     xp = np.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=x.dtype)
-    xp[:, padding:padding + h, padding:padding + w, :] = x.transpose(0, 2, 3, 1)
+    inner = xp[:, padding:padding + h, padding:padding + w, :]
+    xt = x.transpose(0, 2, 3, 1)
+    map_batch_split(lambda s, e: np.copyto(inner[s:e], xt[s:e]), n, x.size)
     return xp
 
 
@@ -74,6 +77,7 @@ def _check_conv_hyper(stride, padding):
 
 
 _GEMM = {np.dtype(np.float32): _blas.sgemm, np.dtype(np.float64): _blas.dgemm}
+_COLS_BLOCK_BYTES = 8 << 20
 
 
 def _blas_operand(m):
@@ -97,86 +101,48 @@ def _gemm_into(c, a, b, beta):
         c[...] = r.T
 
 
-def _fill_rows(out, row):
-    """out[i] = row for every row of the C-contiguous matrix ``out``, by doubling contiguous copies
-    (a broadcast assignment loops over short rows, at several times the cost)."""
-    out[:1] = row
-    done = 1
-    while done < len(out):
-        k = min(done, len(out) - done)
-        out[done:done + k] = out[:k]
-        done += k
+def _conv2d_s1_dx(gm, w, xshape, padding):
+    """Input gradient of a stride-1 convolution by the shifted-rows formulation (module docstring).
 
-
-def _s1_geometry(xshape, wshape, padding):
-    """Sizes of the shifted-rows formulation (stride 1): padded size, output size, rows, valid rows."""
+    gm: the upstream gradient as an (N*Ho*Wo, F) matrix (channels-last).  Returns an (N, C, H, W) view
+    with channels-last strides into the padded gradient (no copy out of the padded layout)."""
     n, c, h, wd = xshape
-    f, _, kh, kw = wshape
+    f, _, kh, kw = w.shape
     hp, wp = h + 2 * padding, wd + 2 * padding
+    ho, wo = hp - kh + 1, wp - kw + 1
     rows = n * hp * wp
-    # Rows >= valid have a window that runs past the last row of the flattened image; every output pixel
-    # (n, i < Ho, j < Wo) sits at a row below it.
-    return hp, wp, hp - kh + 1, wp - kw + 1, rows, rows - (kh - 1) * wp - (kw - 1)
+    # Rows >= valid belong to windows that would run past the last padded row; every output pixel
+    # (n, i < Ho, j < Wo) sits below it.
+    valid = rows - (kh - 1) * wp - (kw - 1)
+    gf = np.empty((rows, f), dtype=gm.dtype)
+    g4, gs = gf.reshape(n, hp, wp, f), gm.reshape(n, ho, wo, f)
+    dxp = np.empty((rows, c), dtype=gm.dtype)
 
+    def prepare(s, e):
+        g4[s:e, :ho, :wo, :] = gs[s:e]
+        g4[s:e, ho:] = 0
+        g4[s:e, :ho, wo:] = 0
+        dxp[s * hp * wp:e * hp * wp] = 0
 
-def _conv2d_s1_forward(x, w, b, padding):
-    """Stride-1 convolution by KH accumulated GEMMs on row-shifted views (see the module docstring).
-
-    Returns the output as an (N, F, Ho, Wo) *view* of the padded channels-last result (strides of an
-    (N, Hp, Wp, F) array): no copy out of the padded layout."""
-    n, c, h, wd = x.shape
-    f, _, kh, kw = w.shape
-    hp, wp, ho, wo, rows, valid = _s1_geometry(x.shape, w.shape, padding)
-    xp = np.zeros((n, hp, wp, c), dtype=x.dtype)
-    xp[:, padding:padding + h, padding:padding + wd, :] = x.transpose(0, 2, 3, 1)
-    xf = xp.reshape(rows, c)
-    # xk[r] = xf[r : r + KW] flattened (q-major, then channel): the KW offsets of a kernel row in one GEMM.
-    xk = xf if kw == 1 else as_strided(xf, (rows - kw + 1, kw * c), xf.strides, writeable=False).copy()
-    wk = w.transpose(2, 3, 1, 0).reshape(kh, kw * c, f)  # wk[p, q*C + c, f] = w[f, c, p, q]
-    out = np.empty((rows, f), dtype=x.dtype)
-    if b is not None:
-        _fill_rows(out[:valid], b)  # the bias as the GEMMs' starting value: no extra pass over the output
-    for p in range(kh):
-        _gemm_into(out[:valid], xk[p * wp:p * wp + valid], wk[p], 0.0 if p == 0 and b is None else 1.0)
-    y = out.reshape(n, hp, wp, f)[:, :ho, :wo, :].transpose(0, 3, 1, 2)
-    return y, ("s1", xk, w, x.shape, padding, b is not None)
-
-
-def _conv2d_s1_grads(cache, grad_out, need_dx):
-    """dW[p] = xk_p^T g, db = sum g, dx = crop(sum_{p,q} shift_{p*Wp+q}(g @ W[p, q]^T)).
-
-    dx is returned as a view of the padded channels-last gradient, like the forward's output."""
-    _, xk, w, xshape, padding, has_b = cache
-    n, c, h, wd = xshape
-    f, _, kh, kw = w.shape
-    hp, wp, ho, wo, rows, valid = _s1_geometry(xshape, w.shape, padding)
-    g = upstream(grad_out, (n, f, ho, wo), xk.dtype)
-    # g in the padded row layout of the output: row n*Hp*Wp + i*Wp + j, zero where no output pixel is.
-    gf = np.empty((rows, f), dtype=xk.dtype)
-    g4 = gf.reshape(n, hp, wp, f)
-    g4[:, :ho, :wo, :] = g.transpose(0, 2, 3, 1)
-    g4[:, ho:] = 0
-    g4[:, :ho, wo:] = 0
+    map_batch_split(prepare, n, gf.size)
     gv = gf[:valid]
-    dwk = np.empty((kh, kw * c, f), dtype=xk.dtype)
-    for p in range(kh):
-        np.matmul(xk[p * wp:p * wp + valid].T, gv, out=dwk[p])
-    dw = np.ascontiguousarray(dwk.reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
-    db = (np.ones(valid, dtype=gv.dtype) @ gv) if has_b else None  # zero rows add nothing; BLAS sums
-    if not need_dx:
-        return None, dw, db
     wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # wt[p, q] = W[p, q]^T, (F, C)
-    dxp = np.zeros((rows, c), dtype=xk.dtype)
     for p in range(kh):
         for q in range(kw):
             s = p * wp + q
             _gemm_into(dxp[s:s + valid], gv, wt[p, q], 1.0)
-    dx = dxp.reshape(n, hp, wp, c)[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
-    return dx, dw, db
+    return dxp.reshape(n, hp, wp, c)[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
+
+
+def _channels_last_rows(a):
+    """An (N, C, H, W) array as its (N*H*W, C) channels-last matrix: a view when ``a`` has channels-last
+    strides (the output of this module's ops and of the layers after them), else one copy."""
+    n, c, h, w = a.shape
+    return a.transpose(0, 2, 3, 1).reshape(n * h * w, c)
 
 
 def _conv2d(x, w, b, stride, padding):
-    """Checked conv2d; the output may be a strided view (stride-1 path)."""
+    """Checked conv2d: (out, cache) with ``out`` a channels-last (N, F, Ho, Wo) view of the GEMM result."""
     V.float_array(x, "x", ndim=4, shape_doc="(N, C, H, W)")
     V.float_array(w, "w", ndim=4, shape_doc="(F, C, KH, KW)")
     V.same_dtype([x, w], ["x", "w"])
@@ -194,17 +160,39 @@ def _conv2d(x, w, b, stride, padding):
         raise ValueError(f"kernel {kh}x{kw} of w is larger than the padded input {hp}x{wp} of x")
     if b is not None:
         param(b, "b", (f,), "(F,)", x)
-    if stride == 1:
-        return _conv2d_s1_forward(x, w, b, padding)
     ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
     xp = _nhwc_padded(x, padding)
-    cols = _windows(xp, kh, kw, stride, ho, wo).reshape(n * ho * wo, kh * kw * c)
-    wmat = w.transpose(0, 2, 3, 1).reshape(f, kh * kw * c)  # (F, KH*KW*C), matches the column order
-    out = cols @ wmat.T
+    win = _windows(xp, kh, kw, stride, ho, wo)
+    # The column matrix in blocks of whole images, each below _COLS_BLOCK_BYTES: allocations that size
+    # are recycled by malloc from one step to the next, while larger ones are fresh pages from the kernel
+    # every time (page faults cost as much as the copy).  The copies are split over the threads.
+    per = max(1, _COLS_BLOCK_BYTES // max(1, win[0].nbytes))
+    blocks = [(s, min(s + per, n)) for s in range(0, n, per)]
+    cols = [None] * len(blocks)
+    k = kh * kw * c
+    # With a bias, every column row ends in a 1 and the weight matrix in b: the GEMM adds the bias, and
+    # in the backward the same GEMM that gives dW gives db = sum of g as its last row.
+    width = k + (b is not None)
+
+    def gather(i0, i1):
+        for i in range(i0, i1):
+            s, e = blocks[i]
+            blk = np.empty(((e - s) * ho * wo, width), dtype=x.dtype)
+            blk[:, :k].reshape(e - s, ho, wo, kh, kw, c)[...] = win[s:e]
+            if b is not None:
+                blk[:, k] = 1
+            cols[i] = blk
+
+    map_batch_split(gather, len(blocks), win.size, min_work=1 << 20)
+    wmat = np.empty((f, width), dtype=x.dtype)  # rows: filters; columns in the order of the column matrix
+    wmat[:, :k] = w.transpose(0, 2, 3, 1).reshape(f, k)
     if b is not None:
-        out += b
-    out = np.ascontiguousarray(out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2))
-    return out, ("im2col", cols, wmat, x.shape, w.shape, stride, padding, b is not None)
+        wmat[:, k] = b
+    out = np.empty((n * ho * wo, f), dtype=x.dtype)
+    for (s, e), blk in zip(blocks, cols):
+        _gemm_into(out[s * ho * wo:e * ho * wo], blk, wmat.T, 0.0)
+    y = out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2)
+    return y, ((blocks, cols), w, x.shape, stride, padding, b is not None)
 
 
 def conv2d_forward(x, w, b, *, stride=1, padding=0):
@@ -218,12 +206,10 @@ def conv2d_forward(x, w, b, *, stride=1, padding=0):
     (dilation 1, groups 1, zero padding).  out and the backward's dx are C-contiguous NCHW arrays
     (:func:`conv2d_forward_strided` skips that final copy).
 
-    Stride 1: the shifted-rows formulation of the module docstring, KH GEMMs with K = KW*C accumulated in
-    place on row-shifted views of the padded channels-last input; the backward reuses the same views
-    (KH GEMMs for the weights, KH*KW for the input gradient, accumulated in place), no col2im.
-    Other strides: im2col, an (N*Ho*Wo, KH*KW*C) column matrix (strided view + one copy) times the
-    reshaped weights, a single GEMM; the input gradient is computed per kernel offset and added back by
-    col2im.
+    Computed by im2col: an (N*Ho*Wo, KH*KW*C) column matrix (strided view + one copy) times the
+    reshaped weights, a single GEMM; the columns are reused for the weight gradient (one GEMM).  The input
+    gradient: KH*KW accumulated GEMMs on row-shifted views for stride 1, col2im otherwise (module
+    docstring).
 
     Reference: LeCun et al. 1998 (Proc. IEEE), "Gradient-based learning applied to document recognition";
     Chellapilla, Puri & Simard 2006 (im2col); PyTorch torch/nn/modules/conv.py.
@@ -235,18 +221,18 @@ def conv2d_forward(x, w, b, *, stride=1, padding=0):
 
 def conv2d_forward_strided(x, w, b, *, stride=1, padding=0):
     """:func:`conv2d_forward` without the final copy to a C-contiguous array: ``out`` (and the backward's
-    ``dx``) may be an (N, F, Ho, Wo) view with channels-last strides into a padded buffer.  Same values,
-    same cache protocol (:func:`conv2d_backward`, :func:`conv2d_param_grads`).
+    ``dx``) is an (N, F, Ho, Wo) view with channels-last strides.  Same values, same cache protocol
+    (:func:`conv2d_backward`, :func:`conv2d_param_grads`).
 
     This is what :class:`refssl.nn.Conv2d` calls: the next layers (ReLU, pooling, batch norm, ...) accept
-    any strides, so the network's activations stay channels-last and no layer transposes them.
+    any strides and keep them, so a network's activations stay channels-last and no layer transposes them.
     """
     out, cache = _conv2d(x, w, b, stride, padding)
     return out, cache + (False,)
 
 
 def conv2d_backward(cache, grad_out):
-    """dw = g_mat^T cols; db = sum g; dx = col2im(g_mat wmat), cropped by the padding."""
+    """dw = g_mat^T cols; db = sum g; dx by shifted rows (stride 1) or col2im, cropped by the padding."""
     return _conv2d_grads(cache, grad_out, need_dx=True)
 
 
@@ -259,25 +245,29 @@ def conv2d_param_grads(cache, grad_out):
 
 
 def _conv2d_grads(cache, grad_out, need_dx):
-    *cache, contiguous = cache
-    if cache[0] == "s1":
-        dx, dw, db = _conv2d_s1_grads(cache, grad_out, need_dx)
-        return (np.ascontiguousarray(dx) if contiguous and dx is not None else dx), dw, db
-    _, cols, wmat, xshape, wshape, stride, padding, has_b = cache
+    (blocks, cols), w, xshape, stride, padding, has_b, contiguous = cache
     n, c, h, wd = xshape
-    f, _, kh, kw = wshape
+    f, _, kh, kw = w.shape
     ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
-    g = upstream(grad_out, (n, f, ho, wo), cols.dtype)
-    gmat = g.transpose(0, 2, 3, 1).reshape(n * ho * wo, f)
-    dw = np.ascontiguousarray((gmat.T @ cols).reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
-    db = g.sum(axis=(0, 2, 3)) if has_b else None
+    g = upstream(grad_out, (n, f, ho, wo), w.dtype)
+    gmat = _channels_last_rows(g)
+    k = kh * kw * c
+    dwm = np.empty((k + has_b, f), dtype=w.dtype)  # the ones column of the columns gives db as last row
+    for i, ((s, e), blk) in enumerate(zip(blocks, cols)):
+        _gemm_into(dwm, blk.T, gmat[s * ho * wo:e * ho * wo], 0.0 if i == 0 else 1.0)
+    dw = np.ascontiguousarray(dwm[:k].reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
+    db = dwm[k].copy() if has_b else None
     if not need_dx:
         return None, dw, db
-    # d cols = gmat @ wmat, computed per kernel offset so that col2im reads contiguous blocks.
-    w_offsets = wmat.reshape(f, kh * kw, c).transpose(1, 0, 2)  # (KH*KW, F, C)
-    dxp = _col2im(_offset_gemm(gmat, w_offsets, kh, kw, n, ho, wo), h + 2 * padding, wd + 2 * padding, stride)
-    dx = dxp[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(dx), dw, db
+    if stride == 1:
+        dx = _conv2d_s1_dx(gmat, w, xshape, padding)
+    else:
+        # d cols = gmat @ wmat, computed per kernel offset so that col2im reads contiguous blocks.
+        w_offsets = w.transpose(2, 3, 0, 1).reshape(kh * kw, f, c)  # (KH*KW, F, C)
+        dxp = _col2im(_offset_gemm(gmat, w_offsets, kh, kw, n, ho, wo), h + 2 * padding, wd + 2 * padding,
+                      stride)
+        dx = dxp[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
+    return (np.ascontiguousarray(dx) if contiguous else dx), dw, db
 
 
 def _conv_example(rng, dtype=np.float64):
