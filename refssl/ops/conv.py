@@ -78,6 +78,9 @@ def _check_conv_hyper(stride, padding):
 
 _GEMM = {np.dtype(np.float32): _blas.sgemm, np.dtype(np.float64): _blas.dgemm}
 _COLS_BLOCK_BYTES = 8 << 20
+# Below this many numbers per window row (KW*C) the channels-last gather copies runs too short to be
+# efficient and the channel-major layout (runs of whole image rows) is used instead.
+_MIN_CHANNELS_LAST_RUN = 16
 
 
 def _blas_operand(m):
@@ -161,6 +164,8 @@ def _conv2d(x, w, b, stride, padding):
     if b is not None:
         param(b, "b", (f,), "(F,)", x)
     ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    if kw * c < _MIN_CHANNELS_LAST_RUN:
+        return _conv2d_cm_forward(x, w, b, stride, padding, ho, wo)
     xp = _nhwc_padded(x, padding)
     win = _windows(xp, kh, kw, stride, ho, wo)
     # The column matrix in blocks of whole images, each below _COLS_BLOCK_BYTES: allocations that size
@@ -193,6 +198,78 @@ def _conv2d(x, w, b, stride, padding):
         _gemm_into(out[s * ho * wo:e * ho * wo], blk, wmat.T, 0.0)
     y = out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2)
     return y, ((blocks, cols), w, x.shape, stride, padding, b is not None)
+
+
+def _cm_planes(a, kh, kw, stride, ho, wo):
+    """The KH*KW strided (C, N, Ho, Wo) views a[:, :, p::stride, q::stride] of a channel-major array."""
+    return [(p, q, a[:, :, p:p + stride * (ho - 1) + 1:stride, q:q + stride * (wo - 1) + 1:stride])
+            for p in range(kh) for q in range(kw)]
+
+
+def _conv2d_cm_forward(x, w, b, stride, padding, ho, wo):
+    """Channel-major im2col, for few input channels (the RGB input layer), where channels-last windows
+    would be copied in runs of only KW*C numbers.  The padded input is stored (C, N, Hp, Wp), and the
+    transposed column matrix (KH*KW*C [+1], N*Ho*Wo) is gathered plane by plane in runs of whole image
+    rows; out^T = W_mat @ cols^T is then (F, N, Ho, Wo), returned as an (N, F, Ho, Wo) view."""
+    n, c, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    k = kh * kw * c
+    width = k + (b is not None)  # a row of ones: the GEMM adds the bias and the dW GEMM gives db
+    xp = np.zeros((c, n, h + 2 * padding, wd + 2 * padding), dtype=x.dtype)
+    xp[:, :, padding:padding + h, padding:padding + wd] = x.transpose(1, 0, 2, 3)
+    planes = _cm_planes(xp, kh, kw, stride, ho, wo)
+    per = max(1, _COLS_BLOCK_BYTES // max(1, width * ho * wo * x.itemsize))
+    blocks = [(s, min(s + per, n)) for s in range(0, n, per)]
+    cols = [None] * len(blocks)
+
+    def gather(i0, i1):
+        for i in range(i0, i1):
+            s, e = blocks[i]
+            blk = np.empty((width, e - s, ho, wo), dtype=x.dtype)
+            b6 = blk[:k].reshape(kh, kw, c, e - s, ho, wo)
+            for p, q, plane in planes:
+                b6[p, q] = plane[:, s:e]
+            if b is not None:
+                blk[k] = 1
+            cols[i] = blk.reshape(width, -1)
+
+    map_batch_split(gather, len(blocks), n * width * ho * wo, min_work=1 << 20)
+    wmat = np.empty((f, width), dtype=x.dtype)  # columns in the (p, q, c) order of the column rows
+    wmat[:, :k] = w.transpose(0, 2, 3, 1).reshape(f, k)
+    if b is not None:
+        wmat[:, k] = b
+    out = np.empty((f, n * ho * wo), dtype=x.dtype)
+    m = ho * wo
+    for (s, e), blk in zip(blocks, cols):
+        np.matmul(wmat, blk, out=out[:, s * m:e * m])
+    y = out.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)
+    return y, ("channel-major", (blocks, cols), w, x.shape, stride, padding, b is not None)
+
+
+def _conv2d_cm_grads(cache, grad_out, need_dx):
+    """Backward of :func:`_conv2d_cm_forward`: dW (and db) = g^T cols blockwise; dx by a channel-major
+    col2im (plane-wise slice-adds)."""
+    (blocks, cols), w, xshape, stride, padding, has_b = cache
+    n, c, h, wd = xshape
+    f, _, kh, kw = w.shape
+    k = kh * kw * c
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    g = upstream(grad_out, (n, f, ho, wo), w.dtype)
+    gt = g.transpose(1, 0, 2, 3).reshape(f, n * ho * wo)  # a view when g has the layout of the output
+    m = ho * wo
+    dwm = np.zeros((f, k + has_b), dtype=w.dtype)
+    for (s, e), blk in zip(blocks, cols):
+        dwm += gt[:, s * m:e * m] @ blk.T
+    dw = np.ascontiguousarray(dwm[:, :k].reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
+    db = dwm[:, k].copy() if has_b else None
+    if not need_dx:
+        return None, dw, db
+    wmat = w.transpose(2, 3, 1, 0).reshape(k, f)  # rows in the (p, q, c) order
+    dcols = (wmat @ gt).reshape(kh, kw, c, n, ho, wo)
+    dxp = np.zeros((c, n, h + 2 * padding, wd + 2 * padding), dtype=w.dtype)
+    for p, q, plane in _cm_planes(dxp, kh, kw, stride, ho, wo):
+        plane += dcols[p, q]
+    return dxp[:, :, padding:padding + h, padding:padding + wd].transpose(1, 0, 2, 3), dw, db
 
 
 def conv2d_forward(x, w, b, *, stride=1, padding=0):
@@ -245,6 +322,9 @@ def conv2d_param_grads(cache, grad_out):
 
 
 def _conv2d_grads(cache, grad_out, need_dx):
+    if cache[0] == "channel-major":
+        dx, dw, db = _conv2d_cm_grads(cache[1:-1], grad_out, need_dx)
+        return (np.ascontiguousarray(dx) if cache[-1] and dx is not None else dx), dw, db
     (blocks, cols), w, xshape, stride, padding, has_b, contiguous = cache
     n, c, h, wd = xshape
     f, _, kh, kw = w.shape
