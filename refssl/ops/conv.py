@@ -4,7 +4,13 @@ Both ops take NCHW tensors at their interface but work internally in NHWC (chann
 im2col row is a run of contiguous channel vectors: the window gather is a strided view (``as_strided``,
 no copy) that one ``reshape`` turns into the column matrix, and the forward is a single GEMM whose
 (N*Ho*Wo, F) result *is* the output in channels-last memory.  The column matrix is kept in the cache and
-reused for the weight gradient (one more GEMM).
+reused for the weight gradient (one more GEMM).  A bias rides along as a column of ones in the column
+matrix (and the bias as the matching weight column), so the GEMM adds it and the weight-gradient GEMM
+returns db as its last row.  The column matrix is built in blocks of whole images (< 8 MB each, which
+malloc recycles between steps instead of mapping fresh pages), gathered on the worker threads.
+With few input channels (KW*C < 16: the RGB input layer) the channels-last windows would be copied in
+runs too short to be efficient, and the transposed column matrix is gathered channel-major instead
+(``_conv2d_cm_forward``: runs of whole image rows; output (F, N, Ho, Wo) memory).
 
 The input gradient of a stride-1 convolution (every convolution of the CNN encoder) avoids col2im with the
 *shifted-rows* formulation: store the upstream gradient zero-padded and flattened, row r = output pixel
@@ -298,11 +304,14 @@ def conv2d_forward(x, w, b, *, stride=1, padding=0):
 
 def conv2d_forward_strided(x, w, b, *, stride=1, padding=0):
     """:func:`conv2d_forward` without the final copy to a C-contiguous array: ``out`` (and the backward's
-    ``dx``) is an (N, F, Ho, Wo) view with channels-last strides.  Same values, same cache protocol
-    (:func:`conv2d_backward`, :func:`conv2d_param_grads`).
+    ``dx``) is an (N, F, Ho, Wo) view of the GEMM result, with channels-last strides (channel-major ones
+    on the few-channel path).  Same values, same cache protocol (:func:`conv2d_backward`,
+    :func:`conv2d_param_grads`).
 
     This is what :class:`refssl.nn.Conv2d` calls: the next layers (ReLU, pooling, batch norm, ...) accept
-    any strides and keep them, so a network's activations stay channels-last and no layer transposes them.
+    any strides and ReLU and max-pool keep them, so a network's activations stay in the layout the
+    convolution produced and no layer transposes them.  Values, shapes and dtypes are those of
+    :func:`conv2d_forward`; only ``out.flags.c_contiguous`` differs.
     """
     out, cache = _conv2d(x, w, b, stride, padding)
     return out, cache + (False,)
