@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["map_row_blocks", "num_threads"]
+__all__ = ["map_row_blocks", "map_batch_split", "num_threads"]
 
 _MIN_PARALLEL_ROWS = 512
 _pool: ThreadPoolExecutor | None = None
@@ -49,3 +49,24 @@ def map_row_blocks(fn, n_rows: int, block: int = 128) -> None:
         return
     for fut in [_executor().submit(fn, s, e) for s, e in bounds]:
         fut.result()
+
+
+def map_batch_split(fn, n: int, work: int, min_work: int = 1 << 18) -> None:
+    """Call ``fn(start, stop)`` once per thread on equal consecutive parts of ``range(n)`` (the batch).
+
+    For memory-bound passes over a batch (``work`` elements in all): one part per thread keeps the
+    scheduling overhead to a single hand-off, and ``fn`` chunks its part itself when it needs
+    cache-sized temporaries.  Runs inline when ``work < min_work`` (threads would cost more than they
+    save) or with one thread.  ``fn`` must only write samples ``start:stop`` of its outputs.
+    """
+    parts = min(num_threads(), n)
+    if work < min_work or parts <= 1:
+        fn(0, n)
+        return
+    bounds = [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
+    futs = [_executor().submit(fn, s, e) for s, e in bounds[1:]]
+    try:
+        fn(*bounds[0])  # the calling thread takes the first part instead of waiting idle
+    finally:
+        for fut in futs:
+            fut.result()

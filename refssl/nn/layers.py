@@ -99,8 +99,9 @@ class Conv2d(Module):
         return p, {}
 
     def forward(self, params, state, x, *, train=True):
-        out, cache = conv.conv2d_forward(x, params["w"], params.get("b"), stride=self.stride,
-                                         padding=self.padding)
+        # The strided variant: the output stays a channels-last view, which the next layers take as is.
+        out, cache = conv.conv2d_forward_strided(x, params["w"], params.get("b"), stride=self.stride,
+                                                 padding=self.padding)
         return out, cache, state
 
     def backward(self, cache, dout, *, need_dx=True):

@@ -6,6 +6,7 @@ import numpy as np
 from scipy.special import erf
 
 from .. import validation as V
+from .._blocks import map_batch_split
 from ..registry import register
 from ._layer_checks import upstream
 
@@ -24,25 +25,42 @@ def _example(rng, dtype=np.float64):
     return (_away_from_zero(rng, shape, dtype),), {}
 
 
+_RELU_CHUNK = 1 << 18  # bytes per pass of the backward: its boolean temporary stays in cache
+
+
 def relu_forward(x):
     """Rectified linear unit, elementwise.
 
         out = max(x, 0)
 
-    Shapes: x (N, ...) -> out, same shape.  The derivative at exactly 0 is taken as 0 (PyTorch's choice).
+    Shapes: x (N, ...) -> out, same shape and memory layout (a channels-last view in, a channels-last
+    array out).  The derivative at exactly 0 is taken as 0 (PyTorch's choice).  The cache is the output
+    itself (the backward needs only its sign), so the caller must not modify the returned array in place
+    before the backward.  The batch is split over the threads.
 
     Reference: Nair & Hinton 2010 (ICML), "Rectified linear units improve restricted Boltzmann machines";
     PyTorch torch/nn/modules/activation.py (ReLU).  Backward: derivations/layers_backward.md#relu.
     """
     V.float_array(x, "x", min_ndim=1, shape_doc="(N, ...)")
-    mask = x > 0
-    return x * mask, (mask, x.dtype)
+    out = np.empty_like(x)  # same axis order as x
+    map_batch_split(lambda s, e: np.maximum(x[s:e], 0, out=out[s:e]), len(x), x.size)
+    return out, out
 
 
 def relu_backward(cache, grad_out):
-    """dx = g * [x > 0]."""
-    mask, dtype = cache
-    return (upstream(grad_out, mask.shape, dtype) * mask,)
+    """dx = g * [out > 0]  (out > 0 exactly where x > 0)."""
+    out = cache
+    g = upstream(grad_out, out.shape, out.dtype)
+    dx = np.empty_like(out)
+    per = max(1, _RELU_CHUNK // max(1, out[0].nbytes))  # samples per pass
+
+    def part(s, e):
+        for a in range(s, e, per):
+            b = min(a + per, e)
+            np.multiply(g[a:b], out[a:b] > 0, out=dx[a:b])
+
+    map_batch_split(part, len(out), out.size)
+    return (dx,)
 
 
 register(

@@ -1,18 +1,37 @@
-"""2-D convolution (im2col + one GEMM) and its adjoint, the transposed convolution.
+"""2-D convolution and its adjoint, the transposed convolution (NCHW at the interface).
 
-Both ops take NCHW tensors at their interface but work internally in NHWC, where every im2col row is a
-run of contiguous channel vectors: the window gather is a strided view (``as_strided``, no copy) that one
-``reshape`` turns into the column matrix, and the GEMM is a single ``@``.  The column matrix is kept in the
-cache and reused for the weight gradient.  The scatter-add that inverts im2col (col2im) loops over the
-KH*KW kernel offsets -- never over samples or pixels -- and reads one contiguous block per offset.
+Both ops take NCHW tensors at their interface but work internally in NHWC (channels-last), where every
+im2col row is a run of contiguous channel vectors: the window gather is a strided view (``as_strided``,
+no copy) that one ``reshape`` turns into the column matrix, and the forward is a single GEMM whose
+(N*Ho*Wo, F) result *is* the output in channels-last memory.  The column matrix is kept in the cache and
+reused for the weight gradient (one more GEMM).  A bias rides along as a column of ones in the column
+matrix (and the bias as the matching weight column), so the GEMM adds it and the weight-gradient GEMM
+returns db as its last row.  The column matrix is built in blocks of whole images (< 8 MB each, which
+malloc recycles between steps instead of mapping fresh pages), gathered on the worker threads.
+With few input channels (KW*C < 16: the RGB input layer) the channels-last windows would be copied in
+runs too short to be efficient, and the transposed column matrix is gathered channel-major instead
+(``_conv2d_cm_forward``: runs of whole image rows; output (F, N, Ho, Wo) memory).
+
+The input gradient of a stride-1 convolution (every convolution of the CNN encoder) avoids col2im with the
+*shifted-rows* formulation: store the upstream gradient zero-padded and flattened, row r = output pixel
+(n, i, j) at r = n*Hp*Wp + i*Wp + j (Hp, Wp the padded input size; zero rows where no output pixel is).
+Output pixel r reads padded input pixels r + p*Wp + q, so the padded input gradient is
+
+    dxp[r + p*Wp + q] += g[r] @ W[p, q]^T          for every kernel offset (p, q),
+
+KH*KW GEMMs on row-shifted views of two matrices, accumulated in place by BLAS (beta = 1, through
+``scipy.linalg.blas``: numpy's matmul cannot accumulate).  Other strides use col2im: a loop over the
+KH*KW kernel offsets -- never over samples or pixels -- each a strided slice-add.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+from scipy.linalg import blas as _blas
 
 from .. import validation as V
+from .._blocks import map_batch_split
 from ..registry import register
 from ._layer_checks import nonneg_int, param, upstream
 
@@ -50,15 +69,213 @@ def _offset_gemm(a, w_offsets, kh, kw, n, ho, wo):
 
 
 def _nhwc_padded(x, padding):
-    """NCHW -> zero-padded NHWC copy (one pass)."""
+    """NCHW -> zero-padded NHWC copy (one pass, the batch split over the threads)."""
     n, c, h, w = x.shape
     xp = np.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=x.dtype)
-    xp[:, padding:padding + h, padding:padding + w, :] = x.transpose(0, 2, 3, 1)
+    inner = xp[:, padding:padding + h, padding:padding + w, :]
+    xt = x.transpose(0, 2, 3, 1)
+    map_batch_split(lambda s, e: np.copyto(inner[s:e], xt[s:e]), n, x.size)
     return xp
 
 
 def _check_conv_hyper(stride, padding):
     return V.positive_int(stride, "stride"), nonneg_int(padding, "padding")
+
+
+_GEMM = {np.dtype(np.float32): _blas.sgemm, np.dtype(np.float64): _blas.dgemm}
+_COLS_BLOCK_BYTES = 8 << 20
+# Below this many numbers per window row (KW*C) the channels-last gather copies runs too short to be
+# efficient and the channel-major layout (runs of whole image rows) is used instead.
+_MIN_CHANNELS_LAST_RUN = 16
+
+
+def _blas_operand(m):
+    """(array, trans) such that BLAS (column-major) reads ``m^T`` from it without a copy."""
+    if m.flags.f_contiguous and not m.flags.c_contiguous:
+        return m, 1  # m^T is C-ordered, i.e. m itself seen column-major and transposed
+    return m.T, 0
+
+
+def _gemm_into(c, a, b, beta):
+    """c <- a @ b + beta * c in place; c is C-contiguous (e.g. a block of rows of a C-contiguous matrix).
+
+    BLAS is column-major, so it is asked for c^T = b^T a^T: the transposes of C-ordered arrays are
+    Fortran-ordered views, and an operand given as the transpose of a C-ordered array is passed with the
+    transpose flag instead, so nothing is copied.  With beta = 0 the old content of c is never read (BLAS
+    contract), so c may be uninitialised.
+    """
+    (bt, tb), (at, ta) = _blas_operand(b), _blas_operand(a)
+    r = _GEMM[c.dtype](1.0, bt, at, beta=beta, c=c.T, trans_a=tb, trans_b=ta, overwrite_c=True)
+    if r.ctypes.data != c.ctypes.data:  # f2py had to work on a copy of c: write the result back
+        c[...] = r.T
+
+
+def _conv2d_s1_dx(gm, w, xshape, padding):
+    """Input gradient of a stride-1 convolution by the shifted-rows formulation (module docstring).
+
+    gm: the upstream gradient as an (N*Ho*Wo, F) matrix (channels-last).  Returns an (N, C, H, W) view
+    with channels-last strides into the padded gradient (no copy out of the padded layout)."""
+    n, c, h, wd = xshape
+    f, _, kh, kw = w.shape
+    hp, wp = h + 2 * padding, wd + 2 * padding
+    ho, wo = hp - kh + 1, wp - kw + 1
+    rows = n * hp * wp
+    # Rows >= valid belong to windows that would run past the last padded row; every output pixel
+    # (n, i < Ho, j < Wo) sits below it.
+    valid = rows - (kh - 1) * wp - (kw - 1)
+    gf = np.empty((rows, f), dtype=gm.dtype)
+    g4, gs = gf.reshape(n, hp, wp, f), gm.reshape(n, ho, wo, f)
+    dxp = np.empty((rows, c), dtype=gm.dtype)
+
+    def prepare(s, e):
+        g4[s:e, :ho, :wo, :] = gs[s:e]
+        g4[s:e, ho:] = 0
+        g4[s:e, :ho, wo:] = 0
+        dxp[s * hp * wp:e * hp * wp] = 0
+
+    map_batch_split(prepare, n, gf.size)
+    gv = gf[:valid]
+    wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # wt[p, q] = W[p, q]^T, (F, C)
+    for p in range(kh):
+        for q in range(kw):
+            s = p * wp + q
+            _gemm_into(dxp[s:s + valid], gv, wt[p, q], 1.0)
+    return dxp.reshape(n, hp, wp, c)[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
+
+
+def _channels_last_rows(a):
+    """An (N, C, H, W) array as its (N*H*W, C) channels-last matrix: a view when ``a`` has channels-last
+    strides (the output of this module's ops and of the layers after them), else one copy."""
+    n, c, h, w = a.shape
+    return a.transpose(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _conv2d(x, w, b, stride, padding):
+    """Checked conv2d: (out, cache) with ``out`` a channels-last (N, F, Ho, Wo) view of the GEMM result."""
+    V.float_array(x, "x", ndim=4, shape_doc="(N, C, H, W)")
+    V.float_array(w, "w", ndim=4, shape_doc="(F, C, KH, KW)")
+    V.same_dtype([x, w], ["x", "w"])
+    stride, padding = _check_conv_hyper(stride, padding)
+    n, c, h, wd = x.shape
+    f, cw, kh, kw = w.shape
+    if cw != c:
+        raise ValueError(f"w must have shape (F, C, KH, KW) with C = x.shape[1] = {c}, got shape {w.shape}")
+    if c < 1:
+        raise ValueError(f"x must have shape (N, C, H, W) with at least one channel, got shape {x.shape}")
+    hp, wp = h + 2 * padding, wd + 2 * padding
+    if kh < 1 or kw < 1:
+        raise ValueError(f"w must have a kernel of at least 1x1 (shape (F, C, KH, KW)), got shape {w.shape}")
+    if kh > hp or kw > wp:
+        raise ValueError(f"kernel {kh}x{kw} of w is larger than the padded input {hp}x{wp} of x")
+    if b is not None:
+        param(b, "b", (f,), "(F,)", x)
+    ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    if kw * c < _MIN_CHANNELS_LAST_RUN:
+        return _conv2d_cm_forward(x, w, b, stride, padding, ho, wo)
+    xp = _nhwc_padded(x, padding)
+    win = _windows(xp, kh, kw, stride, ho, wo)
+    # The column matrix in blocks of whole images, each below _COLS_BLOCK_BYTES: allocations that size
+    # are recycled by malloc from one step to the next, while larger ones are fresh pages from the kernel
+    # every time (page faults cost as much as the copy).  The copies are split over the threads.
+    per = max(1, _COLS_BLOCK_BYTES // max(1, win[0].nbytes))
+    blocks = [(s, min(s + per, n)) for s in range(0, n, per)]
+    cols = [None] * len(blocks)
+    k = kh * kw * c
+    # With a bias, every column row ends in a 1 and the weight matrix in b: the GEMM adds the bias, and
+    # in the backward the same GEMM that gives dW gives db = sum of g as its last row.
+    width = k + (b is not None)
+
+    def gather(i0, i1):
+        for i in range(i0, i1):
+            s, e = blocks[i]
+            blk = np.empty(((e - s) * ho * wo, width), dtype=x.dtype)
+            blk[:, :k].reshape(e - s, ho, wo, kh, kw, c)[...] = win[s:e]
+            if b is not None:
+                blk[:, k] = 1
+            cols[i] = blk
+
+    map_batch_split(gather, len(blocks), win.size, min_work=1 << 20)
+    wmat = np.empty((f, width), dtype=x.dtype)  # rows: filters; columns in the order of the column matrix
+    wmat[:, :k] = w.transpose(0, 2, 3, 1).reshape(f, k)
+    if b is not None:
+        wmat[:, k] = b
+    out = np.empty((n * ho * wo, f), dtype=x.dtype)
+    for (s, e), blk in zip(blocks, cols):
+        _gemm_into(out[s * ho * wo:e * ho * wo], blk, wmat.T, 0.0)
+    y = out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2)
+    return y, ((blocks, cols), w, x.shape, stride, padding, b is not None)
+
+
+def _cm_planes(a, kh, kw, stride, ho, wo):
+    """The KH*KW strided (C, N, Ho, Wo) views a[:, :, p::stride, q::stride] of a channel-major array."""
+    return [(p, q, a[:, :, p:p + stride * (ho - 1) + 1:stride, q:q + stride * (wo - 1) + 1:stride])
+            for p in range(kh) for q in range(kw)]
+
+
+def _conv2d_cm_forward(x, w, b, stride, padding, ho, wo):
+    """Channel-major im2col, for few input channels (the RGB input layer), where channels-last windows
+    would be copied in runs of only KW*C numbers.  The padded input is stored (C, N, Hp, Wp), and the
+    transposed column matrix (KH*KW*C [+1], N*Ho*Wo) is gathered plane by plane in runs of whole image
+    rows; out^T = W_mat @ cols^T is then (F, N, Ho, Wo), returned as an (N, F, Ho, Wo) view."""
+    n, c, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    k = kh * kw * c
+    width = k + (b is not None)  # a row of ones: the GEMM adds the bias and the dW GEMM gives db
+    xp = np.zeros((c, n, h + 2 * padding, wd + 2 * padding), dtype=x.dtype)
+    xp[:, :, padding:padding + h, padding:padding + wd] = x.transpose(1, 0, 2, 3)
+    planes = _cm_planes(xp, kh, kw, stride, ho, wo)
+    per = max(1, _COLS_BLOCK_BYTES // max(1, width * ho * wo * x.itemsize))
+    blocks = [(s, min(s + per, n)) for s in range(0, n, per)]
+    cols = [None] * len(blocks)
+
+    def gather(i0, i1):
+        for i in range(i0, i1):
+            s, e = blocks[i]
+            blk = np.empty((width, e - s, ho, wo), dtype=x.dtype)
+            b6 = blk[:k].reshape(kh, kw, c, e - s, ho, wo)
+            for p, q, plane in planes:
+                b6[p, q] = plane[:, s:e]
+            if b is not None:
+                blk[k] = 1
+            cols[i] = blk.reshape(width, -1)
+
+    map_batch_split(gather, len(blocks), n * width * ho * wo, min_work=1 << 20)
+    wmat = np.empty((f, width), dtype=x.dtype)  # columns in the (p, q, c) order of the column rows
+    wmat[:, :k] = w.transpose(0, 2, 3, 1).reshape(f, k)
+    if b is not None:
+        wmat[:, k] = b
+    out = np.empty((f, n * ho * wo), dtype=x.dtype)
+    m = ho * wo
+    for (s, e), blk in zip(blocks, cols):
+        np.matmul(wmat, blk, out=out[:, s * m:e * m])
+    y = out.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)
+    return y, ("channel-major", (blocks, cols), w, x.shape, stride, padding, b is not None)
+
+
+def _conv2d_cm_grads(cache, grad_out, need_dx):
+    """Backward of :func:`_conv2d_cm_forward`: dW (and db) = g^T cols blockwise; dx by a channel-major
+    col2im (plane-wise slice-adds)."""
+    (blocks, cols), w, xshape, stride, padding, has_b = cache
+    n, c, h, wd = xshape
+    f, _, kh, kw = w.shape
+    k = kh * kw * c
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    g = upstream(grad_out, (n, f, ho, wo), w.dtype)
+    gt = g.transpose(1, 0, 2, 3).reshape(f, n * ho * wo)  # a view when g has the layout of the output
+    m = ho * wo
+    dwm = np.zeros((f, k + has_b), dtype=w.dtype)
+    for (s, e), blk in zip(blocks, cols):
+        dwm += gt[:, s * m:e * m] @ blk.T
+    dw = np.ascontiguousarray(dwm[:, :k].reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
+    db = dwm[:, k].copy() if has_b else None
+    if not need_dx:
+        return None, dw, db
+    wmat = w.transpose(2, 3, 1, 0).reshape(k, f)  # rows in the (p, q, c) order
+    dcols = (wmat @ gt).reshape(kh, kw, c, n, ho, wo)
+    dxp = np.zeros((c, n, h + 2 * padding, wd + 2 * padding), dtype=w.dtype)
+    for p, q, plane in _cm_planes(dxp, kh, kw, stride, ho, wo):
+        plane += dcols[p, q]
+    return dxp[:, :, padding:padding + h, padding:padding + wd].transpose(1, 0, 2, 3), dw, db
 
 
 def conv2d_forward(x, w, b, *, stride=1, padding=0):
@@ -69,69 +286,77 @@ def conv2d_forward(x, w, b, *, stride=1, padding=0):
     with xpad the input zero-padded by ``padding`` on each spatial side.
     Shapes: x (N, C, H, W), w (F, C, KH, KW), b (F,) or ``None`` -> out (N, F, Ho, Wo) with
     Ho = (H + 2*padding - KH) // stride + 1 (likewise Wo); PyTorch ``nn.Conv2d`` layout and semantics
-    (dilation 1, groups 1, zero padding).
+    (dilation 1, groups 1, zero padding).  out and the backward's dx are C-contiguous NCHW arrays
+    (:func:`conv2d_forward_strided` skips that final copy).
 
     Computed by im2col: an (N*Ho*Wo, KH*KW*C) column matrix (strided view + one copy) times the
-    reshaped weights, a single GEMM; the columns are reused for the weight gradient.  The input gradient
-    is computed per kernel offset (KH*KW GEMMs with F x C matrices) so that col2im adds contiguous blocks.
+    reshaped weights, a single GEMM; the columns are reused for the weight gradient (one GEMM).  The input
+    gradient: KH*KW accumulated GEMMs on row-shifted views for stride 1, col2im otherwise (module
+    docstring).
 
     Reference: LeCun et al. 1998 (Proc. IEEE), "Gradient-based learning applied to document recognition";
     Chellapilla, Puri & Simard 2006 (im2col); PyTorch torch/nn/modules/conv.py.
     Backward: derivations/layers_backward.md#conv2d.
     """
-    V.float_array(x, "x", ndim=4, shape_doc="(N, C, H, W)")
-    V.float_array(w, "w", ndim=4, shape_doc="(F, C, KH, KW)")
-    V.same_dtype([x, w], ["x", "w"])
-    stride, padding = _check_conv_hyper(stride, padding)
-    n, c, h, wd = x.shape
-    f, cw, kh, kw = w.shape
-    if cw != c:
-        raise ValueError(f"w must have shape (F, C, KH, KW) with C = x.shape[1] = {c}, got shape {w.shape}")
-    hp, wp = h + 2 * padding, wd + 2 * padding
-    if kh > hp or kw > wp:
-        raise ValueError(f"kernel {kh}x{kw} of w is larger than the padded input {hp}x{wp} of x")
-    if b is not None:
-        param(b, "b", (f,), "(F,)", x)
-    ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
-    xp = _nhwc_padded(x, padding)
-    cols = _windows(xp, kh, kw, stride, ho, wo).reshape(n * ho * wo, kh * kw * c)
-    wmat = w.transpose(0, 2, 3, 1).reshape(f, kh * kw * c)  # (F, KH*KW*C), matches the column order
-    out = cols @ wmat.T
-    if b is not None:
-        out += b
-    out = np.ascontiguousarray(out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2))
-    return out, (cols, wmat, x.shape, w.shape, stride, padding, b is not None)
+    out, cache = _conv2d(x, w, b, stride, padding)
+    return np.ascontiguousarray(out), cache + (True,)
+
+
+def conv2d_forward_strided(x, w, b, *, stride=1, padding=0):
+    """:func:`conv2d_forward` without the final copy to a C-contiguous array: ``out`` (and the backward's
+    ``dx``) is an (N, F, Ho, Wo) view of the GEMM result, with channels-last strides (channel-major ones
+    on the few-channel path).  Same values, same cache protocol (:func:`conv2d_backward`,
+    :func:`conv2d_param_grads`).
+
+    This is what :class:`refssl.nn.Conv2d` calls: the next layers (ReLU, pooling, batch norm, ...) accept
+    any strides and ReLU and max-pool keep them, so a network's activations stay in the layout the
+    convolution produced and no layer transposes them.  Values, shapes and dtypes are those of
+    :func:`conv2d_forward`; only ``out.flags.c_contiguous`` differs.
+    """
+    out, cache = _conv2d(x, w, b, stride, padding)
+    return out, cache + (False,)
 
 
 def conv2d_backward(cache, grad_out):
-    """dw = g_mat^T cols; db = sum g; dx = col2im(g_mat wmat), cropped by the padding."""
+    """dw = g_mat^T cols; db = sum g; dx by shifted rows (stride 1) or col2im, cropped by the padding."""
     return _conv2d_grads(cache, grad_out, need_dx=True)
 
 
 def conv2d_param_grads(cache, grad_out):
     """(dw, db) only: the backward of a first layer, whose input (the images) needs no gradient.
 
-    Skips the dx GEMM and the col2im scatter, about half of the backward cost.
+    Skips the input-gradient GEMMs, about half of the backward cost.
     """
     return _conv2d_grads(cache, grad_out, need_dx=False)[1:]
 
 
 def _conv2d_grads(cache, grad_out, need_dx):
-    cols, wmat, xshape, wshape, stride, padding, has_b = cache
+    if cache[0] == "channel-major":
+        dx, dw, db = _conv2d_cm_grads(cache[1:-1], grad_out, need_dx)
+        return (np.ascontiguousarray(dx) if cache[-1] and dx is not None else dx), dw, db
+    (blocks, cols), w, xshape, stride, padding, has_b, contiguous = cache
     n, c, h, wd = xshape
-    f, _, kh, kw = wshape
+    f, _, kh, kw = w.shape
     ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
-    g = upstream(grad_out, (n, f, ho, wo), cols.dtype)
-    gmat = g.transpose(0, 2, 3, 1).reshape(n * ho * wo, f)
-    dw = np.ascontiguousarray((gmat.T @ cols).reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
-    db = g.sum(axis=(0, 2, 3)) if has_b else None
+    g = upstream(grad_out, (n, f, ho, wo), w.dtype)
+    gmat = _channels_last_rows(g)
+    k = kh * kw * c
+    dwm = np.empty((k + has_b, f), dtype=w.dtype)  # the ones column of the columns gives db as last row
+    for i, ((s, e), blk) in enumerate(zip(blocks, cols)):
+        _gemm_into(dwm, blk.T, gmat[s * ho * wo:e * ho * wo], 0.0 if i == 0 else 1.0)
+    dw = np.ascontiguousarray(dwm[:k].reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
+    db = dwm[k].copy() if has_b else None
     if not need_dx:
         return None, dw, db
-    # d cols = gmat @ wmat, computed per kernel offset so that col2im reads contiguous blocks.
-    w_offsets = wmat.reshape(f, kh * kw, c).transpose(1, 0, 2)  # (KH*KW, F, C)
-    dxp = _col2im(_offset_gemm(gmat, w_offsets, kh, kw, n, ho, wo), h + 2 * padding, wd + 2 * padding, stride)
-    dx = dxp[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(dx), dw, db
+    if stride == 1:
+        dx = _conv2d_s1_dx(gmat, w, xshape, padding)
+    else:
+        # d cols = gmat @ wmat, computed per kernel offset so that col2im reads contiguous blocks.
+        w_offsets = w.transpose(2, 3, 0, 1).reshape(kh * kw, f, c)  # (KH*KW, F, C)
+        dxp = _col2im(_offset_gemm(gmat, w_offsets, kh, kw, n, ho, wo), h + 2 * padding, wd + 2 * padding,
+                      stride)
+        dx = dxp[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
+    return (np.ascontiguousarray(dx) if contiguous else dx), dw, db
 
 
 def _conv_example(rng, dtype=np.float64):

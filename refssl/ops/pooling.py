@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from .. import validation as V
+from .._blocks import map_batch_split
 from ..registry import register
 from ._layer_checks import upstream
 
@@ -89,6 +91,86 @@ register(
 )
 
 
+_POOL_CHUNK = 1 << 17  # input bytes per pass of the 2x2 path: its temporaries stay in cache
+
+
+def _quadrants(a, ho, wo):
+    """The four (N, C, Ho, Wo) views a[:, :, p::2, q::2] (cropped to 2*Ho x 2*Wo) in row-major (p, q) order.
+
+    Built with explicit strides so that they are views for any memory layout of ``a`` (writes to the views
+    of an output array land in it).
+    """
+    sn, sc, sh, sw = a.strides
+    shape = (a.shape[0], a.shape[1], ho, wo)
+    return [as_strided(a[:, :, p:, q:], shape, (sn, sc, 2 * sh, 2 * sw)) for p in (0, 1) for q in (0, 1)]
+
+
+def _empty_in_layout(shape, dtype, axis_order):
+    """An empty array of ``shape`` whose memory order of axes is ``axis_order`` (outermost first)."""
+    base = np.empty([shape[i] for i in axis_order], dtype=dtype)
+    return base.transpose(np.argsort(axis_order))
+
+
+def _axis_order(a):
+    """Axes of ``a`` from the largest stride to the smallest: e.g. (0, 2, 3, 1) for a channels-last view."""
+    return tuple(sorted(range(a.ndim), key=lambda i: -abs(a.strides[i])))
+
+
+def _max_pool2x2_forward(x, ho, wo):
+    """Non-overlapping 2x2 windows: out = max(max(x00, x01), max(x10, x11)) with the choice recorded as
+    three boolean planes: ``top`` (the top row holds a maximum), ``left0`` / ``left1`` (the left entry is
+    a maximum of the top / bottom row).  With >= throughout, this picks the first maximum in row-major
+    window order: top if max(x00, x01) >= max(x10, x11), then left if x00 >= x01 (resp. x10 >= x11)."""
+    n, c = x.shape[:2]
+    order = _axis_order(x)  # outputs in the input's layout: every pass below reads and writes in order
+    out = _empty_in_layout((n, c, ho, wo), x.dtype, order)
+    choice = [_empty_in_layout((n, c, ho, wo), bool, order) for _ in range(3)]  # top, left0, left1
+    x00, x01, x10, x11 = _quadrants(x, ho, wo)
+    per = max(1, _POOL_CHUNK // max(1, x[0].nbytes))
+
+    def part(s, e):
+        for a in range(s, e, per):
+            b = min(a + per, e)
+            r0 = np.maximum(x00[a:b], x01[a:b])
+            r1 = np.maximum(x10[a:b], x11[a:b])
+            np.maximum(r0, r1, out=out[a:b])
+            np.greater_equal(r0, r1, out=choice[0][a:b])
+            np.greater_equal(x00[a:b], x01[a:b], out=choice[1][a:b])
+            np.greater_equal(x10[a:b], x11[a:b], out=choice[2][a:b])
+
+    map_batch_split(part, n, x.size)
+    return out, (choice, order)
+
+
+def _max_pool2x2_backward(choice, order, g, xshape, dtype):
+    """Route g to the recorded entry: (top, left0) -> x00, (top, not left0) -> x01, and so on.
+
+    g * mask is g or (signed) zero exactly, and g - g * mask the complement, so every window receives
+    exactly its g, at one entry."""
+    n, c, h, w = xshape
+    ho, wo = g.shape[2:]
+    # A row or column cut off by the 2x2 grid (odd H or W) gets no gradient: only then zero-fill.
+    dx = _empty_in_layout(xshape, dtype, order)  # the layout of x
+    if (h, w) != (2 * ho, 2 * wo):
+        dx.fill(0)
+    d00, d01, d10, d11 = _quadrants(dx, ho, wo)
+    top, left0, left1 = choice
+    per = max(1, _POOL_CHUNK // max(1, 4 * g[0].nbytes))
+
+    def part(s, e):
+        for a in range(s, e, per):
+            b = min(a + per, e)
+            gt = g[a:b] * top[a:b]
+            gb = g[a:b] - gt
+            np.multiply(gt, left0[a:b], out=d00[a:b])
+            np.subtract(gt, d00[a:b], out=d01[a:b])
+            np.multiply(gb, left1[a:b], out=d10[a:b])
+            np.subtract(gb, d10[a:b], out=d11[a:b])
+
+    map_batch_split(part, n, 4 * g.size)
+    return dx
+
+
 def max_pool2d_forward(x, *, kernel=2, stride=None):
     """Max pooling over kernel x kernel windows.
 
@@ -98,10 +180,17 @@ def max_pool2d_forward(x, *, kernel=2, stride=None):
     to ``kernel``; no padding (PyTorch ``nn.MaxPool2d`` with padding 0, floor mode).  On ties the gradient
     goes to the first maximum in row-major window order (a subgradient; PyTorch makes the same choice).
 
+    kernel = stride = 2 (the CNN encoder's pooling) has its own path: three elementwise maxima over the
+    window's four strided views, the choice of entry kept as three boolean planes (see
+    ``_max_pool2x2_forward``), processed in cache-sized chunks of samples split over the threads.
+
     Reference: Ranzato et al. 2007 (CVPR); PyTorch torch/nn/modules/pooling.py (MaxPool2d).
     Backward: derivations/layers_backward.md#max_pool2d.
     """
     kernel, stride, ho, wo = _pool_setup(x, kernel, stride)
+    if kernel == 2 and stride == 2:
+        out, (choice, order) = _max_pool2x2_forward(x, ho, wo)
+        return out, ("2x2", x.shape, x.dtype, choice, order)
     offsets = _offsets(kernel, stride, ho, wo)
     out = x[next(offsets)].copy()
     arg = np.zeros(out.shape, dtype=np.int8 if kernel * kernel < 128 else np.int32)
@@ -110,12 +199,16 @@ def max_pool2d_forward(x, *, kernel=2, stride=None):
         better = v > out  # strict: the first maximum in row-major window order wins ties
         np.maximum(out, v, out=out)
         arg = np.where(better, arg.dtype.type(idx), arg)
-    return out, (x.shape, x.dtype, kernel, stride, arg)
+    return out, ("general", x.shape, x.dtype, kernel, stride, arg)
 
 
 def max_pool2d_backward(cache, grad_out):
     """The output gradient is routed to the arg-max entry of each window."""
-    xshape, dtype, k, stride, arg = cache
+    if cache[0] == "2x2":
+        _, xshape, dtype, choice, order = cache
+        g = upstream(grad_out, choice[0].shape, dtype)
+        return (_max_pool2x2_backward(choice, order, g, xshape, dtype),)
+    _, xshape, dtype, k, stride, arg = cache
     g = upstream(grad_out, arg.shape, dtype)
     dx = np.zeros(xshape, dtype=dtype)
     zero = dtype.type(0)
