@@ -37,7 +37,7 @@ import numpy as np
 from refssl.nn.io import recover_dir, replace_dir
 
 __all__ = ["Experiment", "Outcome", "Context", "experiment", "EXPERIMENTS", "run_experiment", "write_index",
-           "LEVELS", "markdown_table"]
+           "LEVELS", "markdown_table", "runtime_info", "suite_estimate"]
 
 LEVELS = ("tiny", "quick", "full")  # tiny: smoke test of the code path; quick: minutes; full: the real run
 
@@ -138,6 +138,48 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt:
     return "\n".join(lines)
 
 
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+                         "NUMEXPR_NUM_THREADS")
+
+
+def runtime_info() -> dict:
+    """What the numbers of a run depend on besides seed and level: the BLAS thread count (results change in
+    the last digits between 1 and 2 threads: summation order), and the numpy / refssl / Python versions.
+
+    ``blas_threads`` holds the thread variables as set (None: unset) and, when threadpoolctl happens to be
+    importable (it is not a dependency), the thread pools it sees: ``threadpools``."""
+    import platform
+
+    import refssl
+
+    info = {
+        "blas_threads": {v: os.environ.get(v) for v in BLAS_THREAD_VARIABLES},
+        "numpy": np.__version__,
+        "refssl": getattr(refssl, "__version__", "unknown"),
+        "python": platform.python_version(),
+    }
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        info["threadpools"] = None  # threadpoolctl not installed: the variables are all we know
+    else:
+        info["threadpools"] = [{k: d.get(k) for k in ("user_api", "internal_api", "num_threads", "version")}
+                               for d in threadpool_info()]
+    return info
+
+
+def _runtime_line(info: dict) -> str:
+    threads = ", ".join(f"{k}={v}" for k, v in info["blas_threads"].items() if v is not None) or "none set"
+    pools = info.get("threadpools")
+    if pools is None:
+        seen = "threadpoolctl not installed"
+    else:
+        seen = "; ".join(f"{p['internal_api']} {p['num_threads']} thread(s)" for p in pools) or "no BLAS pool"
+    return (f"**Environment.** BLAS thread variables: {threads} (threadpoolctl: {seen}); numpy {info['numpy']}, "
+            f"refssl {info['refssl']}, Python {info['python']}. The last digits of the numbers depend on the "
+            f"BLAS thread count; the verdicts do not.")
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -158,7 +200,7 @@ def _verdict_word(met) -> str:
     return {True: "met", False: "NOT met", None: "not judged (tiny run)"}[met]
 
 
-def _report(exp: Experiment, ctx: Context, out: Outcome, seconds: float) -> str:
+def _report(exp: Experiment, ctx: Context, out: Outcome, seconds: float, info: dict | None = None) -> str:
     setting = ", ".join(f"{k} = {v}" for k, v in ctx.settings.items()) or "(defaults)"
     parts = [
         f"# {exp.title}",
@@ -168,6 +210,8 @@ def _report(exp: Experiment, ctx: Context, out: Outcome, seconds: float) -> str:
         f"**Expected outcome (stated before running).** {exp.expected}",
         "",
         f"**Setting.** level `{ctx.level}`, seed {ctx.seed}; {setting}. Wall time {seconds:.1f} s.",
+        "",
+        _runtime_line(info if info is not None else runtime_info()),
         "",
         "## Measured",
         "",
@@ -182,6 +226,12 @@ def _report(exp: Experiment, ctx: Context, out: Outcome, seconds: float) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
 def run_experiment(name: str, *, level: str = "full", seed: int = 0, out: str | Path | None = None,
                    results_root: str | Path = "results", stream=None) -> dict:
     """Run one experiment and write its folder atomically; returns a summary dict."""
@@ -192,11 +242,15 @@ def run_experiment(name: str, *, level: str = "full", seed: int = 0, out: str | 
     recover_dir(dest, staging_prefix)  # what a killed earlier run left: see the module docstring
     staging = Path(tempfile.mkdtemp(prefix=f"{staging_prefix}{os.getpid()}-", dir=dest.parent))
     try:
+        # mkdtemp makes the folder 0700 (private scratch space); a result folder is shared like any other
+        # folder the user creates, so give it the mode mkdir would: 0777 minus the umask.
+        staging.chmod(0o777 & ~_umask())
         ctx = Context(name, level, seed, staging, stream=stream)
         ctx.progress(f"start ({level}, seed {seed})")
         t0 = time.perf_counter()
         outcome = exp.run(ctx)
         seconds = time.perf_counter() - t0
+        info = runtime_info()
         for f in outcome.figures:
             if not (staging / f).is_file():
                 raise RuntimeError(f"experiment {name} reported figure {f} but did not write it")
@@ -204,9 +258,10 @@ def run_experiment(name: str, *, level: str = "full", seed: int = 0, out: str | 
             "name": name, "title": exp.title, "level": level, "seed": seed, "seconds": round(seconds, 2),
             "expected": exp.expected, "met": outcome.met, "verdict": outcome.verdict,
             "settings": ctx.settings, "metrics": outcome.metrics, "figures": outcome.figures,
+            "environment": info, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         (staging / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
-        (staging / "report.md").write_text(_report(exp, ctx, outcome, seconds))
+        (staging / "report.md").write_text(_report(exp, ctx, outcome, seconds, info))
         replace_dir(staging, dest)
         ctx.progress(f"done in {seconds:.1f}s: expectation {_verdict_word(outcome.met)} -> {dest}")
         summary["path"] = str(dest)
