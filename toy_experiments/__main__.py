@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,23 +16,40 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from . import load_all  # noqa: E402
-from .framework import run_experiment, write_index  # noqa: E402
+from .framework import run_experiment, suite_estimate, write_index, _duration  # noqa: E402
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the same clean-up runs
+    (the staging folder of the running experiment is removed, the index says the run was interrupted)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
 
 
 def main(argv=None) -> int:
-    """Run the command line; Ctrl-C (status 130) and a file system error such as an output folder that
-    cannot be written (status 1) end in one line instead of a traceback."""
+    """Run the command line; Ctrl-C (status 130), SIGTERM (status 143) and a file system error such as an
+    output folder that cannot be written (status 1) end in one line instead of a traceback."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (main() called from a worker thread): leave signals alone
+        previous = None
     try:
         return _run(argv)
-    except KeyboardInterrupt:
-        print("python -m toy_experiments: interrupted (finished experiments are kept; the interrupted one "
+    except KeyboardInterrupt as e:
+        what, status = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"python -m toy_experiments: {what} (finished experiments are kept; the interrupted one "
               "left nothing)", file=sys.stderr)
-        return 130
+        return status
     except OSError as e:
         if e.filename is None:
             raise
         print(f"python -m toy_experiments: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(argv) -> int:
@@ -59,10 +77,40 @@ def _run(argv) -> int:
         run_experiment(args.name, level=level, seed=args.seed, out=args.out)
         return 0
     root = Path(args.out or "results")
+    return _run_all(ordered, root, level, args.seed)
+
+
+def _run_all(ordered, root: Path, level: str, seed: int, stream=None) -> int:
+    """Every experiment in turn, with a suite progress line before each one.
+
+    index.md is rewritten (atomically) before the first experiment and after each one, so at every moment
+    it describes this run: which experiments it finished, and which folders still hold an earlier run's
+    result.  An interrupted run (Ctrl-C, SIGTERM, an error) marks it interrupted; a killed one leaves it
+    saying "in progress" with the process id."""
+    stream = stream if stream is not None else sys.stderr
+    names = [e.name for e in ordered]
+    index = root / "index.md"
+    root.mkdir(parents=True, exist_ok=True)
+    summaries: list[dict] = []
+    write_index(summaries, index, planned=names, status="running")
     t0 = time.perf_counter()
-    summaries = [run_experiment(e.name, level=level, seed=args.seed, results_root=root) for e in ordered]
-    write_index(summaries, root / "index.md")
-    print(f"{len(summaries)} experiments in {time.perf_counter() - t0:.1f}s; index: {root / 'index.md'}")
+    try:
+        for i, e in enumerate(ordered):
+            elapsed = time.perf_counter() - t0
+            left = suite_estimate([s["seconds"] for s in summaries], names[i:], root, level)
+            eta = f"about {_duration(left)} left" if left is not None else "no estimate yet"
+            print(f"[suite {i + 1}/{len(ordered)}, {_duration(elapsed)} elapsed, {eta}] {e.name}",
+                  file=stream, flush=True)
+            summaries.append(run_experiment(e.name, level=level, seed=seed, results_root=root))
+            write_index(summaries, index, planned=names, status="running")
+    except BaseException:
+        try:
+            write_index(summaries, index, planned=names, status="interrupted")
+        except OSError:
+            pass  # the original error is the one to report
+        raise
+    write_index(summaries, index, planned=names, status="complete")
+    print(f"{len(summaries)} experiments in {time.perf_counter() - t0:.1f}s; index: {index}")
     return 0
 
 

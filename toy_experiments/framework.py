@@ -271,22 +271,88 @@ def run_experiment(name: str, *, level: str = "full", seed: int = 0, out: str | 
         raise
 
 
-def write_index(summaries: list[dict], path: str | Path) -> None:
-    """Index report of a suite run (written atomically)."""
+def _earlier_result(folder: Path) -> dict | None:
+    """The summary a previous run left in ``folder`` (its metrics.json), or None."""
+    try:
+        return json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def suite_estimate(done_seconds: list[float], remaining: list[str], root: str | Path, level: str) -> float | None:
+    """Seconds the ``remaining`` experiments of a suite run will take, or None when there is nothing to go on.
+
+    The experiments differ tenfold in cost, so each remaining one is estimated by its own last run at this
+    level (its metrics.json under ``root``) when there is one, else by the mean of those done in this run."""
+    mean = sum(done_seconds) / len(done_seconds) if done_seconds else None
+    total = 0.0
+    for name in remaining:
+        prev = _earlier_result(Path(root) / name)
+        if prev is not None and prev.get("level") == level and isinstance(prev.get("seconds"), (int, float)):
+            total += float(prev["seconds"])
+        elif mean is not None:
+            total += mean
+        else:
+            return None
+    return total
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def write_index(summaries: list[dict], path: str | Path, *, planned: list[str] | None = None,
+                status: str = "complete") -> None:
+    """Index report of a suite run (written atomically: a reader sees the old or the new index, never half).
+
+    ``planned``: the names the run set out to do; those not in ``summaries`` are listed as well, with what
+    their folder holds: the result of an earlier run (level, seed, when it finished) or nothing.  ``status``:
+    ``complete``, ``running`` (written after every experiment, so a run killed outright leaves an index that
+    says how far it got) or ``interrupted``."""
+    if status not in ("complete", "running", "interrupted"):
+        raise ValueError(f"status must be complete, running or interrupted, got {status!r}")
     path = Path(path)
     rows = [{"experiment": f"[{s['name']}]({Path(s['path']).name}/report.md)", "title": s["title"],
-             "expectation": _verdict_word(s["met"]), "seconds": s["seconds"]} for s in summaries]
+             "expectation": _verdict_word(s["met"]), "seconds": s["seconds"], "from": "this run"}
+            for s in summaries]
+    done = {s["name"] for s in summaries}
+    earlier = []
+    for name in planned or []:
+        if name in done:
+            continue
+        prev = _earlier_result(path.parent / name)
+        if prev is None:
+            rows.append({"experiment": name, "title": EXPERIMENTS[name].title if name in EXPERIMENTS else "",
+                         "expectation": "not run", "seconds": "", "from": "-"})
+        else:
+            earlier.append(name)
+            rows.append({"experiment": f"[{name}]({name}/report.md)", "title": prev.get("title", ""),
+                         "expectation": _verdict_word(prev.get("met")), "seconds": prev.get("seconds", ""),
+                         "from": f"EARLIER run ({prev.get('level')}, seed {prev.get('seed')}, "
+                                 f"finished {prev.get('finished', 'at an unknown time')})"})
     met = sum(1 for s in summaries if s["met"] is True)
     judged = sum(1 for s in summaries if s["met"] is not None)
-    text = "\n".join([
+    n_planned = len(planned) if planned else len(summaries)
+    head = {
+        "complete": f"{len(summaries)} experiments",
+        "running": f"**Run in progress** (process {os.getpid()}, updated {time.strftime('%Y-%m-%d %H:%M:%S')}): "
+                   f"{len(summaries)} of {n_planned} experiments done. If that process is gone, the run was "
+                   f"killed and the rows not marked 'this run' are not from it",
+        "interrupted": f"**Run interrupted** after {len(summaries)} of {n_planned} experiments; only the rows "
+                       f"marked 'this run' are from it",
+    }[status]
+    lines = [
         "# Toy experiment suite",
         "",
-        f"{len(summaries)} experiments; expectation met in {met} of {judged} judged runs; "
+        f"{head}; expectation met in {met} of {judged} judged runs of this run; "
         f"total {sum(s['seconds'] for s in summaries):.1f} s.",
         "",
-        markdown_table(rows, floatfmt=".1f"),
-        "",
-    ] + [f"- **{s['name']}**: {s['verdict']}" for s in summaries]) + "\n"
+    ]
+    if earlier:
+        lines += [f"Folders from an earlier run, not this one: {', '.join(earlier)}.", ""]
+    lines += [markdown_table(rows, floatfmt=".1f"), ""]
+    lines += [f"- **{s['name']}**: {s['verdict']}" for s in summaries]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
