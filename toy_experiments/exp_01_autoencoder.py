@@ -98,11 +98,11 @@ def run(ctx):
     figs = []
     grid_rng = np.random.default_rng(ctx.seed + 7)
     ev.retrieval_grids(str(ctx.out_dir), ds.train.images, z_train, ds.val.images, z_val, grid_rng,
-                       prefix="ae_retrieval")
+                       prefix="ae_retrieval", representation="autoencoder latent")
     figs += ["ae_retrieval_train.png", "ae_retrieval_val.png"]
     ev.retrieval_grids(str(ctx.out_dir), ds.train.images, baselines.raw_pixels(ds.train.images), ds.val.images,
                        baselines.raw_pixels(ds.val.images), np.random.default_rng(ctx.seed + 7),
-                       prefix="pixel_retrieval")
+                       prefix="pixel_retrieval", representation="raw pixels")
     figs += ["pixel_retrieval_train.png", "pixel_retrieval_val.png"]
     figs.append(_reconstruction_figure(ctx, ds.val.images[:10], recon_val[:10], "reconstructions.png"))
 

@@ -91,7 +91,8 @@ def run(ctx):
         z_t, z_v = tr.encode(ds.train.images), tr.encode(ds.val.images)
         results[fam], _ = common.probe(ds, z_t, z_v, name=f"InfoNCE / {fam}", max_iter=max_iter)
         ev.retrieval_grids(str(ctx.out_dir), ds.train.images, z_t, ds.val.images, z_v,
-                           np.random.default_rng(ctx.seed + 7), prefix=f"retrieval_{fam}")
+                           np.random.default_rng(ctx.seed + 7), prefix=f"retrieval_{fam}",
+                           representation=f"InfoNCE encoder output, family {fam}")
         figs += [f"retrieval_{fam}_train.png", f"retrieval_{fam}_val.png"]
     figs.insert(0, _bar_figure(ctx, results, "probe_accuracy.png"))
 

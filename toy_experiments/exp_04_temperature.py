@@ -159,7 +159,7 @@ def run(ctx):
     for ax in (axes[0], axes[2]):
         ax.set_xscale("log")
         ax.set_xlabel("temperature τ")
-    axes[2].legend(fontsize=8, loc="center right")
+    axes[2].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: not over the curves
     fig.suptitle(f"info_nce on {FAMILY} views, {steps} steps")
     fig.tight_layout()
     f1 = ctx.save_figure(fig, "temperature_sweep.png")

@@ -193,13 +193,14 @@ def run(ctx):
              "phi min": float(h["phi"].min()), "phi max": float(h["phi"].max()),
              f"purity K={num_clusters[1]} vs colour": h["purity_fine"],
              "spearman(phi, spread)": r, "mean spread": s,
-             "proto obj. before M": h.get("proto_before", float("nan")),
-             "after M": h.get("proto_after", float("nan"))}
+             # the last E-step has no M-step after it: say so instead of printing nan
+             "proto obj. before M": h.get("proto_before", "no M-step after the last E-step"),
+             "after M": h.get("proto_after", "-")}
             for h, r, s in zip(hist, rho, spread_mean)]
 
     # Figure: phi of the cluster matched to each colour class (clusters are re-drawn every E-step, so a
     # line follows a colour class, not a cluster index), and the accuracies.
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2, ax4) = plt.subplots(1, 3, figsize=(16, 3.9), gridspec_kw={"width_ratios": [1, 1, 0.9]})
     from refssl.data.color import hsv_to_rgb
     from refssl.data.shapes import CLASS_HUES, CLASS_SATURATION, CLASS_VALUE
     class_rgb = hsv_to_rgb(np.stack([CLASS_HUES, np.full(8, CLASS_SATURATION), np.full(8, CLASS_VALUE)], 1))
@@ -211,7 +212,7 @@ def run(ctx):
     ax1.set_xlabel("EM iteration (E-step)")
     ax1.set_ylabel("concentration phi (mean 0.2)")
     ax1.set_title("phi of the cluster matched to each colour")
-    ax1.legend(fontsize=6, ncol=2)
+    ax1.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below: not over the lines
     ax2.plot(it, acc_c, "o-", label="Hungarian acc. vs colour (8)")
     ax2.plot(it, acc_s, "s-", label="Hungarian acc. vs shape (3)")
     ax2.axhline(1 / 8, color="gray", ls=":", lw=1, label="colour chance")
@@ -227,6 +228,16 @@ def run(ctx):
     h3, l3 = ax3.get_legend_handles_labels()
     ax2.legend(h1 + h3, l1 + l3, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
     ax2.set_title("clustering accuracy (K = 8) over EM")
+    # The relation the verdict claims (phi grows with a cluster's spread), shown directly: every cluster at
+    # every E-step, one colour per E-step, with that E-step's Spearman correlation in the legend.
+    cmap = plt.get_cmap("viridis")
+    for i, (h, r) in enumerate(zip(hist, rho)):
+        ax4.scatter(h["spread"], h["phi"], s=10 + 40 * h["sizes"] / max(1, h["sizes"].max()),
+                    color=cmap(i / max(1, len(hist) - 1)), alpha=0.75, label=f"E-step {h['epoch']}: rho {r:.2f}")
+    ax4.set_xlabel("cluster spread (mean distance to centroid)")
+    ax4.set_ylabel("concentration phi")
+    ax4.set_title("phi vs spread (K = 8; marker area ~ cluster size)")
+    ax4.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="Spearman", title_fontsize=6)
     fig.tight_layout()
     figures = [ctx.save_figure(fig, "protonce_em.png")]
 
