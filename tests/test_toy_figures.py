@@ -12,7 +12,8 @@ def test_retrieval_grid_names_the_representation_and_frames_the_query_column(tmp
 
     titles = []
     orig = matplotlib.figure.Figure.suptitle
-    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: titles.append(t) or orig(self, t, **kw))
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda self, t, **kw: titles.append(t) or orig(self, t, **kw))
     rng = np.random.default_rng(0)
     s, scale = 16, 4
     imgs = np.full((12, 3, s, s), 0.5)  # grey tiles: any saturated red in the PNG is the frame
