@@ -170,12 +170,14 @@ class TransformerBlock(Module):
     def forward(self, params, state, x, *, train=True, key_mask=None):
         a_in, c_ln1 = _ln(params, "norm1", x)
         a, c_attn, _ = self.attn.forward(subdict(params, "attn"), {}, a_in, key_mask=key_mask)
-        h = x + a
+        # The residual sums accumulate into the fresh op outputs (neither op keeps its output in its
+        # cache): no new (B, L, D) array per sum.
+        h = np.add(a, x, out=a)
         m_in, c_ln2 = _ln(params, "norm2", h)
         u, c_fc1 = _lin(params, "fc1", m_in)
         v, c_act = activations.gelu_forward(u)
         m, c_fc2 = _lin(params, "fc2", v)
-        return h + m, (c_ln1, c_attn, c_ln2, c_fc1, c_act, c_fc2), state
+        return np.add(m, h, out=m), (c_ln1, c_attn, c_ln2, c_fc1, c_act, c_fc2), state
 
     def backward(self, cache, dout, *, need_dx=True):
         c_ln1, c_attn, c_ln2, c_fc1, c_act, c_fc2 = cache
@@ -184,10 +186,12 @@ class TransformerBlock(Module):
         dv = _lin_backward(c_fc2, dout, "fc2", grads)
         du = activations.gelu_backward(c_act, dv)[0]
         dm_in = _lin_backward(c_fc1, du, "fc1", grads)
-        dh = dout + _ln_backward(c_ln2, dm_in, "norm2", grads)
+        dh = _ln_backward(c_ln2, dm_in, "norm2", grads)
+        dh += dout  # into the fresh gradient array; dout itself is not modified
         da_in, g_attn = self.attn.backward(c_attn, dh)
         grads.update(prefixed(g_attn, "attn"))
-        dx = dh + _ln_backward(c_ln1, da_in, "norm1", grads)
+        dx = _ln_backward(c_ln1, da_in, "norm1", grads)
+        dx += dh
         return dx, grads
 
 
@@ -303,6 +307,16 @@ class ViT(Module):
         cls = np.broadcast_to((params["cls"] + pos0)[None, None, :], (n, 1, d))
         return np.concatenate([cls, x], axis=1)
 
+    def _tokens_in(self, params, x):
+        """Patch embeddings (N, L, D) -> (N, L + 1, D): CLS + its position row first, then x + positions,
+        written straight into one array (no concatenation pass)."""
+        pos = self.pos_embed(params, x.dtype)
+        n, k, d = x.shape
+        tok = np.empty((n, k + 1, d), x.dtype)
+        np.add(x, pos[1:], out=tok[:, 1:])
+        tok[:, 0] = params["cls"] + pos[0]
+        return tok
+
     def run_blocks(self, params, x, *, key_mask=None):
         """Blocks then the final LayerNorm: (N, T, D) -> (normed output, block outputs, cache)."""
         outs, c_blocks = self.stack.forward_outputs(subdict(params, "blocks"), x, key_mask=key_mask)
@@ -319,9 +333,7 @@ class ViT(Module):
     # -- whole encoder on full images --
     def forward(self, params, state, images, *, train=True):
         x, c_emb = self.embed_patches(params, images)
-        pos = self.pos_embed(params, x.dtype)
-        x = self.prepend_cls(params, x + pos[1:], pos[0])
-        y, _, c_run = self.run_blocks(params, x)
+        y, _, c_run = self.run_blocks(params, self._tokens_in(params, x))
         pooled = y[:, 0] if self.pool == "cls" else y[:, 1:].mean(axis=1)
         return pooled, (c_emb, c_run, y.shape), state
 
@@ -343,8 +355,7 @@ class ViT(Module):
     def tokens(self, params, images):
         """Final normed tokens (N, L + 1, D) of full images (evaluation; no cache kept)."""
         x, _ = self.embed_patches(params, images)
-        pos = self.pos_embed(params, x.dtype)
-        return self.run_blocks(params, self.prepend_cls(params, x + pos[1:], pos[0]))[0]
+        return self.run_blocks(params, self._tokens_in(params, x))[0]
 
     def features(self, params, images, *, pool=None, batch_size=512):
         """Pooled features (N, D) of full images in batches (evaluation): mean of the final patch tokens

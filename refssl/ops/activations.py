@@ -6,7 +6,7 @@ import numpy as np
 from scipy.special import erf
 
 from .. import validation as V
-from .._blocks import map_batch_split
+from .._blocks import map_batch_split, map_row_blocks
 from ..registry import register
 from ._layer_checks import upstream
 
@@ -107,8 +107,36 @@ def erf_float32(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _erf_chunk(z, out, t):
+    """erf of a float32 chunk ``z`` (already scaled, may be clipped in place) into ``out``; ``t`` scratch of
+    z's size.  The Horner scheme of :func:`erf_float32`, on caller-owned buffers."""
+    c = [np.float32(v) for v in _ERF_TANH_POLY]
+    lim = np.float32(_ERF_CLAMP)
+    np.clip(z, -lim, lim, out=z)
+    np.multiply(z, z, out=t)
+    np.multiply(t, c[6], out=out)
+    for k in (5, 4, 3, 2, 1):
+        out += c[k]
+        out *= t
+    out += c[0]
+    out *= z
+    np.tanh(out, out=out)
+
+
 def _erf(x):
     return erf_float32(x) if x.dtype == np.float32 else erf(x)
+
+
+_GELU_BLOCK = 4 * _CHUNK  # elements per thread-pool task: a few cache-sized chunks, so the task overhead is small
+
+
+def _gelu_map(fn, size):
+    """Run ``fn(s, e)`` over [0, size) in cache-sized chunks, blocks of chunks spread over refssl's thread
+    pool (numpy releases the GIL in the elementwise loops, so both cores work)."""
+    def block(a, b):
+        for s in range(a, b, _CHUNK):
+            fn(s, min(s + _CHUNK, b))
+    map_row_blocks(block, size, block=_GELU_BLOCK)
 
 
 def gelu_forward(x):
@@ -124,17 +152,50 @@ def gelu_forward(x):
     Backward: derivations/layers_backward.md#gelu.
     """
     V.float_array(x, "x", min_ndim=1, shape_doc="(N, ...)")
-    half = x.dtype.type(0.5)
-    cdf = half + half * _erf(x * x.dtype.type(_INV_SQRT2))
-    return x * cdf, (x, cdf)
+    dt = x.dtype.type
+    half, inv_sqrt2 = dt(0.5), dt(_INV_SQRT2)
+    xf = np.ascontiguousarray(x).reshape(-1)
+    cdf, out = np.empty_like(xf), np.empty_like(xf)
+
+    # Chunk by chunk, so the erf temporaries stay in cache: cdf = 1/2 + 1/2 erf(x / sqrt 2), out = x cdf.
+    def chunk(s, e):
+        xs, cs = xf[s:e], cdf[s:e]
+        z = np.multiply(xs, inv_sqrt2, out=out[s:e])  # out's slot as scratch until the last step
+        if x.dtype == np.float32:
+            _erf_chunk(z, cs, np.empty_like(z))
+        else:
+            erf(z, out=cs)
+        cs *= half
+        cs += half
+        np.multiply(xs, cs, out=out[s:e])
+
+    _gelu_map(chunk, xf.size)
+    return out.reshape(x.shape), (x, cdf.reshape(x.shape))
 
 
 def gelu_backward(cache, grad_out):
     """dx = g * (Phi(x) + x phi(x)), phi the standard normal density."""
     x, cdf = cache
     g = upstream(grad_out, x.shape, x.dtype)
-    pdf = x.dtype.type(_INV_SQRT_2PI) * np.exp(-0.5 * x * x)
-    return (g * (cdf + x * pdf),)
+    dt = x.dtype.type
+    xf, cf = np.ascontiguousarray(x).reshape(-1), cdf.reshape(-1)
+    gf = np.ascontiguousarray(g).reshape(-1)
+    dx = np.empty_like(xf)
+    neg_half, c = dt(-0.5), dt(_INV_SQRT_2PI)
+
+    # One pass per chunk, in dx's slot: x phi(x) + Phi(x), times g.
+    def chunk(s, e):
+        xs, t = xf[s:e], dx[s:e]
+        np.multiply(xs, xs, out=t)
+        t *= neg_half
+        np.exp(t, out=t)
+        t *= c
+        t *= xs
+        t += cf[s:e]
+        t *= gf[s:e]
+
+    _gelu_map(chunk, xf.size)
+    return (dx.reshape(x.shape),)
 
 
 def _gelu_example(rng, dtype=np.float64):

@@ -102,76 +102,80 @@ register(
 
 
 # -- attention core (shared by scaled_dot_product_attention and multi_head_attention) --------------------------
-def _each_block(fn, n, lq, lk, dh):
-    """Call ``fn(a, b)`` on consecutive blocks of whole (batch, head) slices ``a:b`` covering ``range(n)``."""
-    per_block = max(1, _BLOCK_SCORES // (lq * lk))
+def _each_block(fn, nb, h, lq, lk, dh):
+    """Call ``fn(a, b)`` on consecutive blocks of whole batch rows ``a:b`` (all h heads) covering ``range(nb)``."""
+    per_block = max(1, _BLOCK_SCORES // (h * lq * lk))
     if lq * lk * dh >= _BLAS_THREADED_MNK:
         # Each per-head GEMM is large enough for BLAS to use every thread: running blocks concurrently on
         # top of that would oversubscribe the cores.
-        for a in range(0, n, per_block):
-            fn(a, min(a + per_block, n))
+        for a in range(0, nb, per_block):
+            fn(a, min(a + per_block, nb))
         return
-    # map_row_blocks counts rows; its rows here are query rows, grouped into blocks of whole slices.
-    map_row_blocks(lambda s, e: fn(s // lq, e // lq), n * lq, block=per_block * lq)
+    # map_row_blocks counts rows; its rows here are query rows, grouped into blocks of whole batch rows.
+    rows = h * lq
+    map_row_blocks(lambda s, e: fn(s // rows, e // rows), nb * rows, block=per_block * rows)
 
 
-def _mask_bias(key_mask, n_heads, dtype):
-    """(B, Lk) bool -> (B * n_heads, Lk, 1) additive bias: 0 where a key may be attended, -inf where not."""
+def _mask_bias(key_mask, dtype):
+    """(B, Lk) bool -> (B, 1, Lk, 1) additive bias, shared by the heads: 0 where a key may be attended, -inf
+    where not."""
     if key_mask is None:
         return None
     bias = np.where(key_mask, dtype.type(0), dtype.type(-np.inf)).astype(dtype, copy=False)
-    return np.repeat(bias, n_heads, axis=0)[:, :, None]
+    return bias[:, None, :, None]
 
 
-def _attend(q, k, v, bias, scale):
-    """Softmax attention of n independent slices, forward.
+def _attend(q, k, v, bias, scale, out):
+    """Softmax attention of independent (batch, head) slices, forward; the output is written into ``out``.
 
-    q (n, Lq, dh), k and v (n, Lk, dh), bias None or (n, Lk, 1) -> (out (n, Lq, dh), pt (n, Lk, Lq)),
-    with pt the softmax weights stored key-major (pt[s, j, i] = P[s, i, j]).
+    q (B, H, Lq, dh), k and v (B, H, Lk, dh), out (B, H, Lq, dh), any of them strided views (every 2-D
+    slice with unit stride along dh, as BLAS takes it: the heads of a qkv projection or of a merged
+    (B, L, H, dh) buffer); bias None or (B, 1, Lk, 1) -> pt (B, H, Lk, Lq), the softmax weights stored
+    key-major (pt[b, h, j, i] = P[b, h, i, j]).
     """
-    n, lq, dh = q.shape
-    lk = k.shape[1]
+    nb, h, lq, dh = q.shape
+    lk = k.shape[2]
     dtype = q.dtype
-    pt = np.empty((n, lk, lq), dtype=dtype)
-    out = np.empty((n, lq, dh), dtype=dtype)
+    pt = np.empty((nb, h, lk, lq), dtype=dtype)
 
     def block(a, b):
-        qs_t = np.multiply(q[a:b].transpose(0, 2, 1), scale, out=np.empty((b - a, dh, lq), dtype=dtype))
+        qs_t = np.multiply(q[a:b].transpose(0, 1, 3, 2), scale, out=np.empty((b - a, h, dh, lq), dtype=dtype))
         s = np.matmul(k[a:b], qs_t, out=pt[a:b])  # S^T = K (c Q)^T
         if bias is not None:
             s += bias[a:b]  # -inf on masked keys: exp gives exactly 0 there
-        np.subtract(s, s.max(axis=1, keepdims=True), out=s)  # max over keys (>= 1 attendable: finite)
+        np.subtract(s, s.max(axis=2, keepdims=True), out=s)  # max over keys (>= 1 attendable: finite)
         np.exp(s, out=s)
-        z = s.sum(axis=1, keepdims=True)
+        z = s.sum(axis=2, keepdims=True)
         s *= np.reciprocal(z, out=z)
-        np.matmul(s.transpose(0, 2, 1), v[a:b], out=out[a:b])  # O = P V
+        np.matmul(s.transpose(0, 1, 3, 2), v[a:b], out=out[a:b])  # O = P V
 
-    _each_block(block, n, lq, lk, dh)
-    return out, pt
+    _each_block(block, nb, h, lq, lk, dh)
+    return pt
 
 
 def _attend_backward(q, k, v, pt, out, g, scale, dq, dk, dv):
-    """Backward of :func:`_attend` for upstream g (n, Lq, dh); writes dq, dk, dv (preallocated) in place.
+    """Backward of :func:`_attend` for upstream g (B, H, Lq, dh); writes dq, dk, dv (preallocated, possibly
+    strided views) in place.
 
     dP = g v^T;  dS = P * (dP - rowsum(g * out));  dq = c dS k;  dk = c dS^T q;  dv = P^T g
     (derivations/attention_backward.md, AT2-AT4), all on the key-major layout.
     """
-    n, lq, dh = q.shape
-    lk = k.shape[1]
+    nb, h, lq, dh = q.shape
+    lk = k.shape[2]
 
     def block(a, b):
-        g_t = np.ascontiguousarray(g[a:b].transpose(0, 2, 1))
+        g_t = np.ascontiguousarray(g[a:b].transpose(0, 1, 3, 2))
         ds_t = np.matmul(v[a:b], g_t)  # dP^T = V g^T
         # rowsum(dP * P) = rowsum(g * out): Lq*dh products instead of Lq*Lk, and P is not read twice
-        ds_t -= np.einsum("nid,nid->ni", g[a:b], out[a:b])[:, None, :]
+        ds_t -= np.einsum("bhid,bhid->bhi", g[a:b], out[a:b])[:, :, None, :]
         ds_t *= pt[a:b]  # dS^T
-        np.matmul(ds_t.transpose(0, 2, 1), k[a:b], out=dq[a:b])
+        np.matmul(ds_t.transpose(0, 1, 3, 2), k[a:b], out=dq[a:b])
         dq[a:b] *= scale
         np.matmul(ds_t, q[a:b], out=dk[a:b])
         dk[a:b] *= scale
         np.matmul(pt[a:b], g[a:b], out=dv[a:b])
 
-    _each_block(block, n, lq, lk, dh)
+    _each_block(block, nb, h, lq, lk, dh)
 
 
 def _check_key_mask(key_mask, batch, n_keys, shape_doc):
@@ -221,24 +225,24 @@ def scaled_dot_product_attention_forward(q, k, v, key_mask=None):
     lk = k.shape[2]
     key_mask = _check_key_mask(key_mask, b, lk, "(B, Lk)")
     scale = q.dtype.type(1.0 / np.sqrt(dh))
-    q3, k3, v3 = (a.reshape(b * h, -1, dh) for a in (q, k, v))
-    out, pt = _attend(q3, k3, v3, _mask_bias(key_mask, h, q.dtype), scale)
-    return out.reshape(b, h, lq, dh), (q3, k3, v3, pt, out, scale, (b, h, lq, lk, dh))
+    out = np.empty((b, h, lq, dh), dtype=q.dtype)
+    pt = _attend(q, k, v, _mask_bias(key_mask, q.dtype), scale, out)
+    return out, (q, k, v, pt, out, scale)
 
 
 def scaled_dot_product_attention_backward(cache, grad_out):
     """dq = c dS k, dk = c dS^T q, dv = P^T g with dS = P * (g v^T - rowsum(g * out)), c = 1/sqrt(dh)."""
-    q3, k3, v3, pt, out, scale, (b, h, lq, lk, dh) = cache
-    g = upstream(grad_out, (b, h, lq, dh), q3.dtype).reshape(b * h, lq, dh)
-    dq, dk, dv = np.empty_like(q3), np.empty_like(k3), np.empty_like(v3)
-    _attend_backward(q3, k3, v3, pt, out, g, scale, dq, dk, dv)
-    return dq.reshape(b, h, lq, dh), dk.reshape(b, h, lk, dh), dv.reshape(b, h, lk, dh), None
+    q, k, v, pt, out, scale = cache
+    g = upstream(grad_out, out.shape, q.dtype)
+    dq, dk, dv = (np.empty(a.shape, dtype=a.dtype) for a in (q, k, v))
+    _attend_backward(q, k, v, pt, out, g, scale, dq, dk, dv)
+    return dq, dk, dv, None
 
 
 def attention_probs(cache):
     """The softmax weights P (B, H, Lq, Lk) that a forward pass computed (a copy; rows sum to 1)."""
-    _, _, _, pt, _, _, (b, h, lq, lk, _) = cache
-    return np.ascontiguousarray(pt.transpose(0, 2, 1)).reshape(b, h, lq, lk)
+    pt = cache[3]
+    return np.ascontiguousarray(pt.transpose(0, 1, 3, 2))
 
 
 def _random_key_mask(rng, batch, n_keys):
@@ -312,28 +316,32 @@ def multi_head_attention_forward(x, w_qkv, b_qkv, w_out, b_out, key_mask=None, *
     scale = x.dtype.type(1.0 / np.sqrt(dh))
 
     qkv = _affine(x, w_qkv, b_qkv)
-    # (B, L, 3D) -> (B, L, 3, H, dh) -> (3, B, H, L, dh): a relabelling of entries (AT7)
-    heads = np.ascontiguousarray(qkv.reshape(b, n_tok, 3, n_heads, dh).transpose(2, 0, 3, 1, 4))
-    q3, k3, v3 = heads.reshape(3, b * n_heads, n_tok, dh)
-    o3, pt = _attend(q3, k3, v3, _mask_bias(key_mask, n_heads, x.dtype), scale)
-    merged = o3.reshape(b, n_heads, n_tok, dh).transpose(0, 2, 1, 3).reshape(b, n_tok, d)  # concat heads
+    # (B, L, 3D) -> (B, L, 3, H, dh): q, k, v are (B, H, L, dh) views of it, a relabelling of entries (AT7)
+    # read in place by the GEMMs (each head's (L, dh) slice has unit stride along dh).
+    q, k, v = (qkv.reshape(b, n_tok, 3, n_heads, dh)[:, :, t].transpose(0, 2, 1, 3) for t in range(3))
+    merged = np.empty((b, n_tok, n_heads, dh), dtype=x.dtype)  # concat of the heads, written by _attend
+    o = merged.transpose(0, 2, 1, 3)
+    pt = _attend(q, k, v, _mask_bias(key_mask, x.dtype), scale, o)
+    merged = merged.reshape(b, n_tok, d)
     out = _affine(merged, w_out, b_out)
-    attn = (q3, k3, v3, pt, o3, scale, (b, n_heads, n_tok, n_tok, dh))
+    attn = (q, k, v, pt, o, scale)
     return out, (attn, x, w_qkv, b_qkv is not None, merged, w_out, b_out is not None)
 
 
 def multi_head_attention_backward(cache, grad_out):
     """Output projection, inverse head merge, attention, inverse head split, input projection, in reverse."""
     attn, x, w_qkv, has_bqkv, merged, w_out, has_bout = cache
-    q3, k3, v3, pt, o3, scale, (b, n_heads, n_tok, _, dh) = attn
+    q, k, v, pt, o, scale = attn
+    b, n_heads, n_tok, dh = q.shape
     d = x.shape[2]
     g = upstream(grad_out, x.shape, x.dtype)
     dmerged, dw_out, db_out = _affine_backward(merged, w_out, has_bout, g)
-    do3 = np.ascontiguousarray(dmerged.reshape(b, n_tok, n_heads, dh).transpose(0, 2, 1, 3))
-    dheads = np.empty((3, b * n_heads, n_tok, dh), dtype=x.dtype)
-    _attend_backward(q3, k3, v3, pt, o3, do3.reshape(b * n_heads, n_tok, dh), scale, *dheads)
-    dqkv = dheads.reshape(3, b, n_heads, n_tok, dh).transpose(1, 3, 0, 2, 4).reshape(b, n_tok, 3 * d)
-    dx, dw_qkv, db_qkv = _affine_backward(x, w_qkv, has_bqkv, dqkv)
+    do = dmerged.reshape(b, n_tok, n_heads, dh).transpose(0, 2, 1, 3)  # inverse merge: a view
+    # dq, dk, dv written straight into their slots of the (B, L, 3, H, dh) gradient of qkv (inverse split)
+    dqkv = np.empty((b, n_tok, 3, n_heads, dh), dtype=x.dtype)
+    dq, dk, dv = (dqkv[:, :, t].transpose(0, 2, 1, 3) for t in range(3))
+    _attend_backward(q, k, v, pt, o, do, scale, dq, dk, dv)
+    dx, dw_qkv, db_qkv = _affine_backward(x, w_qkv, has_bqkv, dqkv.reshape(b, n_tok, 3 * d))
     return dx, dw_qkv, db_qkv, dw_out, db_out, None
 
 

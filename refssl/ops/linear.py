@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import blas
 
 from .. import validation as V
 from ..registry import register
 from ._layer_checks import param, upstream
 
 
+_GEMM = {np.float32: blas.sgemm, np.float64: blas.dgemm}
+
+
 def _affine(x, w, b):
-    """x @ w + b on the last axis of a checked x (..., D_in), as one 2-D GEMM over all leading axes."""
-    out = x.reshape(-1, w.shape[0]) @ w
-    if b is not None:
-        out += b
+    """x @ w + b on the last axis of a checked x (..., D_in), as one 2-D GEMM over all leading axes.
+
+    With a bias, the output is first filled with b and the GEMM accumulates into it (BLAS ``gemm`` with
+    beta = 1, called on the transposed, column-major view of the row-major output): this saves the separate
+    read-modify-write pass of ``out += b`` over the whole output.
+    """
+    x2 = x.reshape(-1, w.shape[0])
+    if b is None:
+        out = x2 @ w
+    else:
+        gemm = _GEMM[x.dtype.type]
+        out = np.empty((x2.shape[0], w.shape[1]), x.dtype)
+        out[...] = b
+        # out^T = w^T x2^T + out^T; f2py writes into out^T in place (it is Fortran-ordered, of gemm's
+        # dtype); the returned array is used in any case.
+        out = gemm(1.0, w.T, x2.T, beta=1.0, c=out.T, overwrite_c=1).T
     return out.reshape(x.shape[:-1] + (w.shape[1],))
 
 
 def _affine_backward(x, w, has_b, g):
-    """(dx, dw, db) of :func:`_affine` for an upstream g (..., D_out); leading axes flattened for the GEMMs."""
+    """(dx, dw, db) of :func:`_affine` for an upstream g (..., D_out); leading axes flattened for the GEMMs
+    (db as a GEMV with a ones vector: several times faster than numpy's column sum)."""
     x2 = x.reshape(-1, w.shape[0])
     g2 = g.reshape(-1, w.shape[1])
-    return (g2 @ w.T).reshape(x.shape), x2.T @ g2, (g2.sum(axis=0) if has_b else None)
+    db = np.ones(g2.shape[0], g2.dtype) @ g2 if has_b else None
+    return (g2 @ w.T).reshape(x.shape), x2.T @ g2, db
 
 
 def linear_forward(x, w, b):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from .. import validation as V
+from .._blocks import map_row_blocks
 from ..registry import Range, register
 from ._layer_checks import param, upstream
 
 DEFAULT_EPS = 1e-5
 DEFAULT_MOMENTUM = 0.1
+_LN_ROWS = 256  # layer-norm rows per block: a few hundred KB, cache-resident across the fused steps
 
 
 def _bn_layout(x):
@@ -183,24 +185,62 @@ def layer_norm_forward(x, gamma, beta, *, eps=DEFAULT_EPS):
     d = x.shape[-1]
     param(gamma, "gamma", (d,), "(D,)", x)
     param(beta, "beta", (d,), "(D,)", x)
-    eps = V.positive(eps, "eps")
-    xc = x - x.mean(axis=-1, keepdims=True)
-    inv_std = 1.0 / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + x.dtype.type(eps))
-    xhat = xc * inv_std
-    return xhat * gamma + beta, (xhat, inv_std, gamma)
+    eps = x.dtype.type(V.positive(eps, "eps"))
+    x2 = x.reshape(-1, d)
+    xhat = np.empty(x2.shape, x.dtype)
+    out = np.empty(x2.shape, x.dtype)
+    inv_std = np.empty(x2.shape[0], x.dtype)
+    inv_d = x.dtype.type(1.0 / d)
+    mean_vec = np.full(d, inv_d, x.dtype)  # row means as a GEMV: several times faster than a short-row reduction
+
+    # Row blocks: each block's centring, variance and scaling run while it is in cache, and the blocks
+    # are spread over refssl's thread pool.  xhat is built in place (x - mu, then scaled).
+    def block(s, e):
+        xh = xhat[s:e]
+        np.subtract(x2[s:e], (x2[s:e] @ mean_vec)[:, None], out=xh)
+        var = np.einsum("nd,nd->n", xh, xh)
+        var *= inv_d
+        var += eps
+        np.sqrt(var, out=var)
+        r = np.reciprocal(var, out=inv_std[s:e])
+        xh *= r[:, None]
+        o = np.multiply(xh, gamma, out=out[s:e])
+        o += beta
+
+    map_row_blocks(block, x2.shape[0], block=_LN_ROWS)
+    return out.reshape(x.shape), (xhat, inv_std, gamma, x.shape)
 
 
 def layer_norm_backward(cache, grad_out):
     """dxhat = g gamma; dx = (dxhat - mean_d dxhat - xhat mean_d(dxhat xhat)) / sigma."""
-    xhat, inv_std, gamma = cache
-    g = upstream(grad_out, xhat.shape, xhat.dtype)
-    lead = tuple(range(xhat.ndim - 1))
-    dgamma = np.sum(g * xhat, axis=lead)
-    dbeta = np.sum(g, axis=lead)
-    gh = g * gamma
-    dx = inv_std * (gh - gh.mean(axis=-1, keepdims=True)
-                    - xhat * np.mean(gh * xhat, axis=-1, keepdims=True))
-    return dx, dgamma, dbeta
+    xhat, inv_std, gamma, shape = cache
+    g = upstream(grad_out, shape, xhat.dtype).reshape(xhat.shape)
+    n, d = xhat.shape
+    inv_d = xhat.dtype.type(1.0 / d)
+    dx = np.empty_like(xhat)
+    n_blocks = -(-n // _LN_ROWS)
+    dgamma_part = np.empty((n_blocks, d), xhat.dtype)
+    dbeta_part = np.empty((n_blocks, d), xhat.dtype)
+    ones_d, ones_rows = np.ones(d, xhat.dtype), np.ones(_LN_ROWS, xhat.dtype)  # sums as GEMVs
+
+    # Row blocks: dx in place in its own slot; the parameter gradients summed per block, then over blocks.
+    def block(s, e):
+        i = s // _LN_ROWS
+        gb, xh = g[s:e], xhat[s:e]
+        np.einsum("nd,nd->d", gb, xh, out=dgamma_part[i])
+        np.matmul(ones_rows[:e - s], gb, out=dbeta_part[i])
+        gh = np.multiply(gb, gamma, out=dx[s:e])
+        m1 = gh @ ones_d
+        m2 = np.einsum("nd,nd->n", gh, xh)
+        m1 *= inv_d
+        m2 *= inv_d
+        gh -= m1[:, None]
+        t = np.multiply(xh, m2[:, None])
+        gh -= t
+        gh *= inv_std[s:e, None]
+
+    map_row_blocks(block, n, block=_LN_ROWS)
+    return dx.reshape(shape), dgamma_part.sum(axis=0), dbeta_part.sum(axis=0)
 
 
 def _ln_example(rng, dtype=np.float64):
