@@ -80,3 +80,26 @@ def train_on_family(ctx, ds, family: str, *, loss="info_nce", steps: int, batch_
 def probe(ds, z_train, z_val, *, name: str, k: int = 1, max_iter: int = 100):
     """Linear-probe and k-NN validation accuracy per latent factor: (results dict, markdown table)."""
     return ev.factor_table(z_train, ds.train.factors, z_val, ds.val.factors, name=name, k=k, max_iter=max_iter)
+
+
+def probe_bar_figure(ctx, results, filename, *, title=None, figsize=(7.5, 3.2)):
+    """Bar chart of linear-probe accuracy per factor for several representations (``results``: name ->
+    ``{factor: {"linear_val": acc, "chance": c}}``), with the chance level of each factor marked."""
+    import matplotlib.pyplot as plt
+
+    factors = PROBE_FACTORS
+    fig, ax = plt.subplots(figsize=figsize)
+    width = 0.8 / len(results)
+    x = np.arange(len(factors))
+    for i, (name, res) in enumerate(results.items()):
+        ax.bar(x + (i - (len(results) - 1) / 2) * width, [res[f]["linear_val"] for f in factors], width,
+               label=name)
+    chance = [next(iter(results.values()))[f]["chance"] for f in factors]
+    ax.scatter(x, chance, marker="_", s=900, color="k", label="chance", zorder=3)
+    ax.set_xticks(x, factors)
+    ax.set_ylabel("linear-probe accuracy (val)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ctx.save_figure(fig, filename)

@@ -238,22 +238,7 @@ def _loss_figure(ctx, curves, filename):
 
 
 def _probe_figure(ctx, results, filename):
-    import matplotlib.pyplot as plt
-
-    factors = common.PROBE_FACTORS
-    fig, ax = plt.subplots(figsize=(7.0, 3.0))
-    width = 0.8 / len(results)
-    x = np.arange(len(factors))
-    for i, (name, res) in enumerate(results.items()):
-        ax.bar(x + (i - (len(results) - 1) / 2) * width, [res[f]["linear_val"] for f in factors], width,
-               label=name)
-    chance = [next(iter(results.values()))[f]["chance"] for f in factors]
-    ax.scatter(x, chance, marker="_", s=900, color="k", label="chance", zorder=3)
-    ax.set_xticks(x, factors)
-    ax.set_ylabel("linear-probe accuracy (val)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return ctx.save_figure(fig, filename)
+    return common.probe_bar_figure(ctx, results, filename, figsize=(7.0, 3.0))
 
 
 @experiment(
