@@ -16,6 +16,7 @@ from .._blocks import map_row_blocks
 from ..numerics import logsumexp
 from ..registry import Range, register
 from ._positive_ce import positive_ce, positive_ce_from_sums
+from ._tiled_contrastive import info_nce_tiled_backward, info_nce_tiled_forward
 from .normalize import l2_normalize_backward, l2_normalize_forward
 
 __all__ = [
@@ -57,7 +58,7 @@ def _split_grad(du, ncache, n):
 # --------------------------------------------------------------------------------------------- info_nce
 
 
-def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True):
+def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True, block_size=None):
     """SimCLR NT-Xent loss (paper scale).
 
     With ``u = [z1/||z1||; z2/||z2||]`` (2N x D), cosine similarities
@@ -86,13 +87,29 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True):
     the positive logit, so near a zero loss the error is relative to the loss
     rather than about eps/tau absolute (ops/_positive_ce.py, tests/test_precision.py).
 
+    ``block_size=b`` (a positive int; default None: the dense path above)
+    computes the same loss and gradients without ever holding the 2N x 2N
+    matrix (Inf-CL, arXiv 2410.17243): b x b tiles of the logits, an online
+    (max-shifted) log-sum-exp per row in forward, each tile recomputed from
+    the stored row log-sum-exps in backward.  Memory O(N b + N d), about one
+    extra GEMM and one extra exponential of the logits in time; any b works
+    (1, a non-divisor of 2N, b >= 2N).  The same cancellation-free row form
+    is used (ops/_tiled_contrastive.py).
+
     Reference: Chen et al. 2020, arXiv 2002.05709; google-research/simclr
-    tf2/objective.py.  Backward: derivations/contrastive_backward.md#info_nce.
+    tf2/objective.py.  Backward: derivations/contrastive_backward.md#info_nce;
+    tiled: derivations/contrastive_backward.md#tiled-info_nce-and-clip.
     """
     normalize = V.flag(normalize, "normalize")
     u, ncache = _unit_views(z1, z2, normalize=normalize)
     tau = V.positive(temperature, "temperature")
+    block = None if block_size is None else V.positive_int(block_size, "block_size")
     n2, dt = u.shape[0], u.dtype
+    if block is not None:
+        per_row, a, lse = info_nce_tiled_forward(u, tau, block)
+        cache = ("tiled", a, (lse, block), u, ncache, tau, _positive_entries(per_row))
+        loss = np.mean(per_row, dtype=np.float64)
+        return V.finite_output(dt.type(loss), "info_nce", temperature=tau), cache
     n = n2 // 2
     pos = np.einsum("ij,ij->i", u[:n], u[n:])  # cosine of each positive pair
     pos2 = np.concatenate([pos, pos])
@@ -120,36 +137,56 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True):
     finfo = np.finfo(dt)
     if normalize and z.min() >= finfo.tiny / finfo.eps:
         per_row = positive_ce_from_sums(w_pos, w_neg, np.log(z) + (1.0 - pos2) / dt.type(tau))
-        cache = ("symmetric", e, (1.0 / z).astype(dt), u, ncache, tau)
+        cache = ("symmetric", e, (1.0 / z).astype(dt), u, ncache, tau, _positive_entries(per_row))
     else:  # raw dot products, or a row sum near underflow: shift each row by its own maximum
         logits = _gram(u) * inv_tau
         np.fill_diagonal(logits, -np.inf)
         lse = logsumexp(logits, axis=1, keepdims=True)
         p = np.exp(logits - lse)
         per_row = positive_ce(p, partner, lse[:, 0] - logits[np.arange(n2), partner])
-        cache = ("rowwise", p, None, u, ncache, tau)
+        cache = ("rowwise", p, None, u, ncache, tau, _positive_entries(per_row))
     loss = np.mean(per_row, dtype=np.float64)
     return V.finite_output(dt.type(loss), "info_nce", temperature=tau), cache
 
 
+def _positive_entries(per_row):
+    """(P + P^T - 2 Pi) at each positive pair (i, p(i)): (P_ip - 1) + (P_pi - 1) = expm1(-l_i) + expm1(-l_p).
+
+    P_{i,p(i)} = exp(-l_i) for the row loss l_i, so P - 1 is written without the cancellation of a
+    probability close to 1: near a zero loss the gradient keeps the loss's relative accuracy.
+    """
+    q = np.expm1(-per_row)
+    return q + _swap_views(q, len(q) // 2)
+
+
 def info_nce_backward(cache, grad_out):
-    """dL/du = (g / (2N tau)) [ (P + P^T) u - 2 u_swap ], then the L2-normalisation backward."""
-    kind, mat, r, u, ncache, tau = cache
+    """dL/du = (g / (2N tau)) M u with M = P + P^T - 2 Pi, then the L2-normalisation backward.
+
+    M equals P + P^T off the positive pairs; at (i, p(i)) it holds :func:`_positive_entries`.
+    """
+    kind, mat, extra, u, ncache, tau, at_pos = cache
     n2, dt = u.shape[0], u.dtype
     go = float(V.grad_out(grad_out, (), dt))
-    if kind == "symmetric":
+    partner = (np.arange(n2) + n2 // 2) % n2
+    if kind == "tiled":
+        lse, block = extra
+        du = info_nce_tiled_backward(u, mat, lse, at_pos, tau, block)
+    elif kind == "symmetric":
         # P = diag(r) E with E symmetric, so P + P^T = E * (r_i + r_j): no transpose needed.
+        r = extra
         m = np.empty_like(mat)
 
         def rows(s, t):
             np.add(r[s:t, None], r[None, :], out=m[s:t])
             m[s:t] *= mat[s:t]
+            m[np.arange(s, t), partner[s:t]] = at_pos[s:t]
 
         map_row_blocks(rows, n2)
+        du = m @ u
     else:
         m = mat + mat.T
-    du = m @ u
-    du -= 2 * _swap_views(u, n2 // 2)
+        m[np.arange(n2), partner] = at_pos
+        du = m @ u
     du *= dt.type(go / (n2 * tau))
     return _split_grad(du, ncache, n2 // 2)
 
@@ -161,11 +198,23 @@ def _views_example(rng, dtype=np.float64, min_rows=1):
     return z1.astype(dtype), z2.astype(dtype)
 
 
+def _with_block_size(rng, kwargs, n_rows):
+    """Half the examples take the tiled path, with a block size from 1 to past the number of rows."""
+    if rng.random() < 0.5:
+        kwargs["block_size"] = int(rng.integers(1, n_rows + 2))
+    return kwargs
+
+
+def _info_nce_example(rng, dtype=np.float64):
+    z1, z2 = _views_example(rng, dtype)
+    return (z1, z2), _with_block_size(rng, {"temperature": 0.1}, 2 * len(z1))
+
+
 register(
     "info_nce",
     forward=info_nce_forward,
     backward=info_nce_backward,
-    example=lambda rng, dtype=np.float64: (_views_example(rng, dtype), {"temperature": 0.1}),
+    example=_info_nce_example,
     differentiable=(0, 1),
     reference="Chen et al. 2020 (SimCLR), arXiv 2002.05709; google-research/simclr tf2/objective.py "
               "(add_contrastive_loss)",
