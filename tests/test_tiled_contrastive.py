@@ -108,6 +108,29 @@ def test_thread_pool_gives_the_single_thread_result(monkeypatch):
         assert_same(run(op, args, **kw), run(op, args, **dense), rtol=1e-12)
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
+@pytest.mark.parametrize("tau", [0.07, 0.5])
+def test_dense_path_over_many_row_blocks_matches_the_definition(tau, threads, monkeypatch):
+    """The dense path forms only the upper triangle of its 2N x 2N matrix, in blocks of rows (possibly on
+    several threads), and reads the positives of view 2 from view 1's rows: check it against explicit
+    matrices at 2N = 600, where blocks, positives and the diagonal fall everywhere."""
+    monkeypatch.setenv("REFSSL_NUM_THREADS", threads)
+    z1, z2 = views(5, 300, 7)
+    loss, (d1, d2) = run(INFO, (z1, z2), 0.7, temperature=tau)
+    u = unit(np.concatenate([z1, z2]))
+    n2 = len(u)
+    partner = (np.arange(n2) + n2 // 2) % n2
+    s = u @ u.T / tau
+    np.fill_diagonal(s, -np.inf)
+    lse = sp_lse(s, axis=1)
+    assert float(loss) == pytest.approx(np.mean(lse - s[np.arange(n2), partner]), rel=1e-12)
+    p = np.exp(s - lse[:, None])
+    du = 0.7 / (n2 * tau) * ((p + p.T) @ u - 2 * u[partner])
+    expected = (du - u * np.sum(u * du, axis=1, keepdims=True)) / np.linalg.norm(np.concatenate([z1, z2]), axis=1,
+                                                                                  keepdims=True)
+    np.testing.assert_allclose(np.concatenate([d1, d2]), expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_backward_with_widely_spread_log_sum_exps_uses_two_shifts(dtype):
     """Rows of very different norms (normalize=False): the tile's log-sum-exps spread beyond the shared-shift

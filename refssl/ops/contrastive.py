@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.linalg import blas
 
 from .. import validation as V
 from .._blocks import map_row_blocks
@@ -43,6 +44,25 @@ def _unit_views(z1, z2, min_rows=1, normalize=True):
 def _gram(u):
     # u @ u.T goes through BLAS syrk plus a triangle copy, which is slower than a plain GEMM on a copy.
     return u @ np.ascontiguousarray(u.T)
+
+
+_ROWS = 128  # rows per block of the elementwise work on a (2N x 2N) matrix (map_row_blocks)
+
+
+def _gram_upper(a):
+    """a a^T (C order) with only its upper triangle j >= i written: BLAS syrk, half the work of a GEMM.
+
+    (numpy's a @ a.T also calls syrk but then copies the triangle; here the other half is never read.)
+    """
+    syrk = blas.ssyrk if a.dtype == np.float32 else blas.dsyrk
+    return syrk(1.0, a.T, trans=1, lower=1).T  # a.T is a's Fortran-ordered view: no copy
+
+
+def _symmetric_times(m_upper, u, alpha):
+    """alpha M u for the symmetric M whose upper triangle (C order) is ``m_upper``: BLAS symm, no mirror."""
+    symm = blas.ssymm if u.dtype == np.float32 else blas.dsymm
+    # in Fortran terms: (u^T M)^T with u^T and M^T (lower triangle) as views, so nothing is copied
+    return symm(alpha, m_upper.T, u.T, side=1, lower=1).T
 
 
 def _swap_views(a, n):
@@ -79,8 +99,9 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True, block_size=None
     the logit-scaling shortcut).  It is not SimCLR; it exists to show that.
 
     Stability: cosines are at most 1, so ``exp((s - 1)/tau) <= 1`` never
-    overflows; the matrix of these values is symmetric, which lets backward
-    use one GEMM.  If a row's sum would underflow (only for tau below about
+    overflows; the matrix of these values is symmetric, so only its upper
+    triangle is formed (BLAS syrk, half a GEMM, half the exponentials) and
+    backward multiplies by it with BLAS symm.  If a row's sum would underflow (only for tau below about
     0.02 in float32), the op falls back to a per-row max shift.  Precision:
     where the positive outweighs the negatives a row's term is evaluated as
     log1p(sum of negative weights / positive weight), not as log-sum-exp minus
@@ -116,23 +137,32 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True, block_size=None
     partner = (np.arange(n2) + n) % n2
     inv_tau = dt.type(1.0 / tau)
     w_pos = np.zeros(n2, dtype=dt)
-    w_neg = np.zeros(n2, dtype=dt)
+    row_sums = np.zeros(n2, dtype=dt)
+    col_sums = np.zeros((-(-n2 // _ROWS), n2), dtype=dt)  # per row block: the blocks run concurrently
 
     def rows(s, t):
-        blk = e[s:t]
+        # E is symmetric: only its upper triangle is formed.  Row i's sum over j != i is the sum of its
+        # upper part (j > i) plus the sum of column i's upper part (j < i).
+        blk = e[s:t, s:]
+        below = np.tril_indices(t - s)  # the diagonal (self-similarity) and the unwritten part below it
+        blk[below] = 0
         blk -= inv_tau
         np.exp(blk, out=blk)
+        blk[below] = 0
         r = np.arange(t - s)
-        blk[r, np.arange(s, t)] = 0  # exclude self-similarity
-        cols = partner[s:t]
-        w_pos[s:t] = blk[r, cols]  # the negatives are summed apart from the positive (see _positive_ce)
-        blk[r, cols] = 0
-        w_neg[s:t] = blk.sum(axis=1)
-        blk[r, cols] = w_pos[s:t]
+        first = s + r < n  # rows of view 1: their positive i + N is right of the diagonal
+        cols = partner[s:t][first] - s
+        w_pos[s:t][first] = blk[r[first], cols]  # negatives are summed apart from the positive (_positive_ce)
+        blk[r[first], cols] = 0
+        row_sums[s:t] = blk.sum(axis=1)
+        col_sums[s // _ROWS, s:] = blk.sum(axis=0)
+        blk[r[first], cols] = w_pos[s:t][first]
 
     if normalize:  # the single shift 1/tau bounds the logits only for cosines
-        e = _gram(u * dt.type(math.sqrt(1.0 / tau)))  # logits s_ij / tau straight from the GEMM
-        map_row_blocks(rows, n2)
+        e = _gram_upper(u * dt.type(math.sqrt(1.0 / tau)))  # logits s_ij / tau straight from BLAS syrk
+        map_row_blocks(rows, n2, block=_ROWS)
+        w_pos[n:] = w_pos[:n]  # E_{i+N, i} = E_{i, i+N}
+    w_neg = row_sums + col_sums.sum(axis=0)
     z = w_pos + w_neg
     finfo = np.finfo(dt)
     if normalize and z.min() >= finfo.tiny / finfo.eps:
@@ -172,17 +202,21 @@ def info_nce_backward(cache, grad_out):
         lse, block = extra
         du = info_nce_tiled_backward(u, mat, lse, at_pos, tau, block)
     elif kind == "symmetric":
-        # P = diag(r) E with E symmetric, so P + P^T = E * (r_i + r_j): no transpose needed.
+        # P = diag(r) E with E symmetric, so P + P^T = E * (r_i + r_j): no transpose needed, and like E
+        # only the upper triangle is formed (BLAS symm reads nothing else).
         r = extra
         m = np.empty_like(mat)
+        n = n2 // 2
 
         def rows(s, t):
-            np.add(r[s:t, None], r[None, :], out=m[s:t])
-            m[s:t] *= mat[s:t]
-            m[np.arange(s, t), partner[s:t]] = at_pos[s:t]
+            blk = m[s:t, s:]
+            np.add(r[s:t, None], r[None, s:], out=blk)
+            blk *= mat[s:t, s:]
+            first = np.arange(s, min(t, n))  # the positive pairs (i, i + N), i in view 1
+            m[first, first + n] = at_pos[first]
 
-        map_row_blocks(rows, n2)
-        du = m @ u
+        map_row_blocks(rows, n2, block=_ROWS)
+        return _split_grad(_symmetric_times(m, u, go / (n2 * tau)), ncache, n)
     else:
         m = mat + mat.T
         m[np.arange(n2), partner] = at_pos
