@@ -63,32 +63,51 @@ def _fold(s, m, l, cm=None, cl=None, col_from=0):
     """Online log-sum-exp fold of the panel ``s`` (b x w), in place of the running states.
 
     Rows: s's rows into (m, l) (arrays of length b).  Columns (if ``cm`` is given): s's columns from
-    ``col_from`` on into (cm, cl) (length w - col_from).  Destroys ``s``.
+    ``col_from`` on into (cm, cl) (length w - col_from).  Destroys ``s``.  Each chunk of columns takes one
+    exponential, shifted by the chunk's largest logit, when every row and column maximum of the chunk lies
+    within H of it (as in (BT4)); otherwise its rows and its columns get an exponential each, shifted by
+    their own new maxima.
     """
     b, w = s.shape
     starts = range(0, w, _CHUNK)
-    part = np.empty((len(starts), b), dtype=s.dtype)  # per-chunk row maxima, then row sums
-    cnew = None if cm is None else np.empty_like(cm)
+    row_max = np.empty((len(starts), b), dtype=s.dtype)  # per chunk
+    col_max = None if cm is None else np.empty_like(cm)
+    spread = _SHARED_SHIFT_SPREAD[s.dtype]
+
+    def cols_of(c0, c1):
+        """The chunk's columns that fold into the column states, as (offset in the chunk, state slice)."""
+        lo = max(c0, col_from)
+        return (lo - c0, slice(lo - col_from, c1 - col_from)) if cm is not None and lo < c1 else (None, None)
 
     def maxima(c0, c1):
-        part[c0 // _CHUNK] = s[:, c0:c1].max(axis=1)
-        lo = max(c0, col_from)
-        if cm is not None and lo < c1:
-            k = slice(lo - col_from, c1 - col_from)
-            np.maximum(cm[k], s[:, lo:c1].max(axis=0), out=cnew[k])
+        row_max[c0 // _CHUNK] = s[:, c0:c1].max(axis=1)
+        off, k = cols_of(c0, c1)
+        if k is not None:
+            s[:, c0 + off:c1].max(axis=0, out=col_max[k])
 
     _chunks(maxima, w)
-    new = np.maximum(m, part.max(axis=0))
+    new = np.maximum(m, row_max.max(axis=0))
+    cnew = None if cm is None else np.maximum(cm, col_max)
+    part = np.empty((len(starts), b), dtype=s.dtype)  # per-chunk row sums of exp(logit - new)
 
     def sums(c0, c1):
-        lo = max(c0, col_from)
-        if cm is not None and lo < c1:
-            k = slice(lo - col_from, c1 - col_from)
-            t = _scratch((b, c1 - lo), s.dtype)
-            np.exp(np.subtract(s[:, lo:c1], cnew[None, k], out=t), out=t)
+        blk = s[:, c0:c1]
+        off, k = cols_of(c0, c1)
+        maxima = row_max[c0 // _CHUNK] if k is None else np.concatenate([row_max[c0 // _CHUNK], col_max[k]])
+        top = maxima.max()
+        if np.isfinite(top) and top - maxima[maxima > -np.inf].min() <= spread:
+            np.subtract(blk, top, out=blk)
+            np.exp(blk, out=blk)  # one exponential for the rows and the columns
+            part[c0 // _CHUNK] = blk.sum(axis=1) * np.exp(np.minimum(top - new, spread))
+            if k is not None:
+                cl[k] *= np.exp(cm[k] - cnew[k])
+                cl[k] += blk[:, off:].sum(axis=0) * np.exp(np.minimum(top - cnew[k], spread))
+            return
+        if k is not None:
+            t = _scratch((b, c1 - c0 - off), s.dtype)
+            np.exp(np.subtract(blk[:, off:], cnew[None, k], out=t), out=t)
             cl[k] *= np.exp(cm[k] - cnew[k])
             cl[k] += t.sum(axis=0)
-        blk = s[:, c0:c1]
         np.subtract(blk, new[:, None], out=blk)
         np.exp(blk, out=blk)
         part[c0 // _CHUNK] = blk.sum(axis=1)
