@@ -59,64 +59,75 @@ def _chunks(fn, width):
     map_row_blocks(fn, width, block=_CHUNK)
 
 
-def _fold(s, m, l, cm=None, cl=None, col_from=0):
+def _fold(s, m, l, cm=None, cl=None, col_from=0, bound=None):
     """Online log-sum-exp fold of the panel ``s`` (b x w), in place of the running states.
 
     Rows: s's rows into (m, l) (arrays of length b).  Columns (if ``cm`` is given): s's columns from
-    ``col_from`` on into (cm, cl) (length w - col_from).  Destroys ``s``.  Each chunk of columns takes one
-    exponential, shifted by the chunk's largest logit, when every row and column maximum of the chunk lies
-    within H of it (as in (BT4)); otherwise its rows and its columns get an exponential each, shifted by
-    their own new maxima.
+    ``col_from`` on into (cm, cl) (length w - col_from).  Destroys ``s``.  ``bound``: a shift that no logit
+    exceeds and that none lies more than H below (cosines over tau: 1/tau when 2/tau <= H); every chunk is
+    then shifted by it and no maxima are taken.  m may then hold that bound rather than the true maximum:
+    (BT1) needs only that no logit exceeds m, and the sums cannot underflow.
+
+    Each chunk of columns is one task: it folds its columns into their states (no other chunk has them)
+    and leaves, for every row, a partial sum and the shift it is relative to; the rows merge those after
+    the tasks, by (BT1).  A chunk takes one exponential, shifted by its largest logit, when every row and
+    column maximum in it lies within H of that logit (as in (BT4)); otherwise its rows and its columns
+    get an exponential each, shifted by their own maxima.
     """
     b, w = s.shape
     starts = range(0, w, _CHUNK)
-    row_max = np.empty((len(starts), b), dtype=s.dtype)  # per chunk
-    col_max = None if cm is None else np.empty_like(cm)
+    row_max = np.empty((len(starts), b), dtype=s.dtype)
+    shift = np.empty((len(starts), b), dtype=s.dtype)  # what each chunk's row sums are relative to
+    part = np.empty((len(starts), b), dtype=s.dtype)
     spread = _SHARED_SHIFT_SPREAD[s.dtype]
 
-    def cols_of(c0, c1):
-        """The chunk's columns that fold into the column states, as (offset in the chunk, state slice)."""
-        lo = max(c0, col_from)
-        return (lo - c0, slice(lo - col_from, c1 - col_from)) if cm is not None and lo < c1 else (None, None)
-
-    def maxima(c0, c1):
-        row_max[c0 // _CHUNK] = s[:, c0:c1].max(axis=1)
-        off, k = cols_of(c0, c1)
-        if k is not None:
-            s[:, c0 + off:c1].max(axis=0, out=col_max[k])
-
-    _chunks(maxima, w)
-    new = np.maximum(m, row_max.max(axis=0))
-    cnew = None if cm is None else np.maximum(cm, col_max)
-    part = np.empty((len(starts), b), dtype=s.dtype)  # per-chunk row sums of exp(logit - new)
-
-    def sums(c0, c1):
+    def fold_chunk(c0, c1):
+        k = c0 // _CHUNK
         blk = s[:, c0:c1]
-        off, k = cols_of(c0, c1)
-        maxima = row_max[c0 // _CHUNK] if k is None else np.concatenate([row_max[c0 // _CHUNK], col_max[k]])
+        rmax = row_max[k]
+        lo = max(c0, col_from)
+        cols = slice(lo - col_from, c1 - col_from) if cm is not None and lo < c1 else None
+        if bound is not None:
+            rmax[...] = shift[k] = bound
+            np.subtract(blk, bound, out=blk)
+            np.exp(blk, out=blk)
+            if cols is not None:
+                cnew = np.maximum(cm[cols], bound)
+                cl[cols] *= np.exp(cm[cols] - cnew)
+                cl[cols] += blk[:, lo - c0:].sum(axis=0) * np.exp(bound - cnew)
+                cm[cols] = cnew
+            blk.sum(axis=1, out=part[k])
+            return
+        blk.max(axis=1, out=rmax)
+        maxima = rmax
+        if cols is not None:
+            cmax = blk[:, lo - c0:].max(axis=0)
+            cnew = np.maximum(cm[cols], cmax)
+            cl[cols] *= np.exp(cm[cols] - cnew)
+            maxima = np.concatenate([rmax, cmax])
         top = maxima.max()
         if np.isfinite(top) and top - maxima[maxima > -np.inf].min() <= spread:
             np.subtract(blk, top, out=blk)
             np.exp(blk, out=blk)  # one exponential for the rows and the columns
-            part[c0 // _CHUNK] = blk.sum(axis=1) * np.exp(np.minimum(top - new, spread))
-            if k is not None:
-                cl[k] *= np.exp(cm[k] - cnew[k])
-                cl[k] += blk[:, off:].sum(axis=0) * np.exp(np.minimum(top - cnew[k], spread))
-            return
-        if k is not None:
-            t = _scratch((b, c1 - c0 - off), s.dtype)
-            np.exp(np.subtract(blk[:, off:], cnew[None, k], out=t), out=t)
-            cl[k] *= np.exp(cm[k] - cnew[k])
-            cl[k] += t.sum(axis=0)
-        np.subtract(blk, new[:, None], out=blk)
-        np.exp(blk, out=blk)
-        part[c0 // _CHUNK] = blk.sum(axis=1)
+            shift[k] = top
+            if cols is not None:  # the factor is at most e^H wherever the column sum is not zero
+                cl[cols] += blk[:, lo - c0:].sum(axis=0) * np.exp(np.minimum(top - cnew, spread))
+        else:
+            if cols is not None:
+                t = _scratch((b, c1 - lo), s.dtype)
+                np.exp(np.subtract(blk[:, lo - c0:], cnew[None, :], out=t), out=t)
+                cl[cols] += t.sum(axis=0)
+            np.copyto(shift[k], np.where(rmax > -np.inf, rmax, 0))  # a row with no logit here sums to 0
+            np.subtract(blk, shift[k][:, None], out=blk)
+            np.exp(blk, out=blk)
+        blk.sum(axis=1, out=part[k])
+        if cols is not None:
+            cm[cols] = cnew
 
-    _chunks(sums, w)
-    if cm is not None:
-        cm[...] = cnew
-    l *= np.exp(m - new)
-    l += part.sum(axis=0)
+    _chunks(fold_chunk, w)
+    new = np.maximum(m, row_max.max(axis=0))
+    l *= np.exp(m - new)  # then each chunk's sums, moved from its shift to the new maximum (BT1)
+    l += np.sum(part * np.exp(np.minimum(shift - new, spread)), axis=0)
     m[...] = new
 
 
@@ -167,8 +178,10 @@ def _info_nce_panel(a, r0, r1, partner, out):
     return s, (rows[keep], cols[keep])
 
 
-def info_nce_tiled_forward(u, tau, block):
+def info_nce_tiled_forward(u, tau, block, cosine):
     """Per-row NT-Xent terms of the 2N stacked rows ``u`` (logits u_i . u_j / tau), b rows at a time.
+
+    ``cosine``: the rows of u are unit vectors (at most unit: L2-normalised), so the logits are bounded.
 
     Returns (per_row (2N,), a = u / sqrt(tau) (2N, D), lse (2N,) the log-sum-exp of each row over j != i).
     """
@@ -181,11 +194,13 @@ def info_nce_tiled_forward(u, tau, block):
     b = min(block, n2)
     m, l = pos.copy(), np.zeros(n2, dtype=dt)  # the maximum starts at the positive, held apart
     buf = np.empty(b * n2, dtype=dt)
+    # cosine logits lie in [-1/tau, 1/tau]: when that range is narrow enough, 1/tau is every chunk's shift
+    bound = dt.type(1.0 / tau) if cosine and 2.0 / tau <= _SHARED_SHIFT_SPREAD[dt] else None
     for r0, r1 in _panels(n2, b):
         s, positives = _info_nce_panel(a, r0, r1, partner, buf)
         s[positives] = -np.inf  # the positive is held apart
         # rows r0:r1 along the panel's rows; the later rows r1:2N along its columns (S is symmetric)
-        _fold(s, m[r0:r1], l[r0:r1], m[r1:], l[r1:], col_from=r1 - r0)
+        _fold(s, m[r0:r1], l[r0:r1], m[r1:], l[r1:], col_from=r1 - r0, bound=bound)
     per_row, lse = _finish(pos, m, l)
     return per_row, a, lse
 

@@ -127,7 +127,7 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True, block_size=None
     block = None if block_size is None else V.positive_int(block_size, "block_size")
     n2, dt = u.shape[0], u.dtype
     if block is not None:
-        per_row, a, lse = info_nce_tiled_forward(u, tau, block)
+        per_row, a, lse = info_nce_tiled_forward(u, tau, block, cosine=normalize)
         cache = ("tiled", a, (lse, block), u, ncache, tau, _positive_entries(per_row))
         loss = np.mean(per_row, dtype=np.float64)
         return V.finite_output(dt.type(loss), "info_nce", temperature=tau), cache
