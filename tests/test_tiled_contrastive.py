@@ -73,7 +73,8 @@ def test_info_nce_tiled_equals_dense_float64(seed, data):
 @given(seed=seeds, data=st.data())
 def test_clip_tiled_equals_dense_float64(seed, data):
     n, d = data.draw(st.integers(1, 12), label="N"), data.draw(st.integers(2, 8), label="d")
-    s = np.asarray(data.draw(st.floats(0.0, math.log(100.0)), label="logit_scale"))
+    # beyond ln 100 as well: scales above H/2 (177 in float64) take the fold's general, max-shifted branch
+    s = np.asarray(data.draw(st.floats(0.0, 7.0), label="logit_scale"))
     b = data.draw(block_sizes(n), label="block_size")
     g = data.draw(st.floats(-3, 3).filter(lambda v: abs(v) > 1e-3), label="g")
     img, txt = views(seed, n, d, noise=data.draw(st.floats(0.05, 2.0), label="noise"))

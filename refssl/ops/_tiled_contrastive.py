@@ -5,10 +5,12 @@ holds the (2N x 2N) or (N x N) logits.  They are formed b rows at a time -- a (b
 GEMM -- folded into running per-row (and per-column) statistics, and dropped.
 
 * Forward: every row keeps an online log-sum-exp of its *negatives* -- a running maximum m_i and the sum
-  l_i of exp(logit - m_i) -- merged panel by panel with the max-shifted update m' = max(m, new max),
+  l_i of exp(logit - m_i) -- merged chunk by chunk with the max-shifted update m' = max(m, new max),
   l' = l e^(m - m') + sum exp(logits - m').  The maximum starts at the row's positive logit, so the
   positive stays out of the sums and each row's cross-entropy is evaluated without cancellation near a
-  zero loss, as the dense path does (ops/_positive_ce.py).  Only the per-row log-sum-exp is kept.
+  zero loss, as the dense path does (ops/_positive_ce.py).  Only the per-row log-sum-exp is kept.  A chunk
+  of a panel takes one exponential for its rows and columns whenever one shift keeps every sum from
+  underflowing (see _fold).
 * Backward: each panel is recomputed and turned into softmax entries exp(logit - lse) from the stored
   log-sum-exps; two GEMMs per panel accumulate its contribution to the embedding gradients.
 
@@ -246,11 +248,13 @@ def clip_tiled_forward(ui, ut, scale, block):
     mr, lr = pos.copy(), np.zeros(n, dtype=dt)  # images over texts
     mc, lc = pos.copy(), np.zeros(n, dtype=dt)  # texts over images
     buf = np.empty(b * n, dtype=dt)
+    # the logits lie in [-e^s, e^s]: when that range is narrow enough, e^s is every chunk's shift
+    bound = dt.type(scale) if 2.0 * float(scale) <= _SHARED_SHIFT_SPREAD[dt] else None
     for r0, r1 in _panels(n, b):
         lam = buf[:(r1 - r0) * n].reshape(r1 - r0, n)
         np.matmul(img[r0:r1], ut.T, out=lam)
         lam[np.arange(r1 - r0), np.arange(r0, r1)] = -np.inf  # the positive is held apart
-        _fold(lam, mr[r0:r1], lr[r0:r1], mc, lc)
+        _fold(lam, mr[r0:r1], lr[r0:r1], mc, lc, bound=bound)
     ce_rows, lse_rows = _finish(pos, mr, lr)
     ce_cols, lse_cols = _finish(pos, mc, lc)
     return ce_rows, ce_cols, lse_rows, lse_cols, pos
