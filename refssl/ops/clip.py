@@ -40,11 +40,11 @@ def clip_forward(img, txt, logit_scale, *, block_size=None):
 
     ``block_size=b`` (a positive int; default None: the dense path) computes
     the same loss and gradients without ever holding the N x N logits
-    (Inf-CL, arXiv 2410.17243): b x b tiles, online (max-shifted)
-    log-sum-exps of every row and column in forward, each tile recomputed
-    from them in backward.  Memory O(N b + N d); any b works (1, a
-    non-divisor of N, b >= N).  Same cancellation-free form
-    (ops/_tiled_contrastive.py).
+    (Inf-CL, arXiv 2410.17243): the logits of b images at a time against all
+    texts, online (max-shifted) log-sum-exps of every row and column in
+    forward, the same logits recomputed from them in backward.  Memory
+    O(N b + N d); any b works (1, a non-divisor of N, b >= N).  Same
+    cancellation-free form (ops/_tiled_contrastive.py).
 
     Reference: Radford et al. 2021, arXiv 2103.00020; mlfoundations/open_clip
     src/open_clip/loss.py (ClipLoss) and src/open_clip_train/train.py (clamp).

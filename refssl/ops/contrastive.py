@@ -100,9 +100,10 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True, block_size=None
 
     Stability: cosines are at most 1, so ``exp((s - 1)/tau) <= 1`` never
     overflows; the matrix of these values is symmetric, so only its upper
-    triangle is formed (BLAS syrk, half a GEMM, half the exponentials) and
-    backward multiplies by it with BLAS symm.  If a row's sum would underflow (only for tau below about
-    0.02 in float32), the op falls back to a per-row max shift.  Precision:
+    triangle is formed (BLAS syrk: half a GEMM, half the exponentials) and
+    backward multiplies by it with BLAS symm.  If a row's sum would
+    underflow (only for tau below about 0.02 in float32), the op falls back
+    to a per-row max shift.  Precision:
     where the positive outweighs the negatives a row's term is evaluated as
     log1p(sum of negative weights / positive weight), not as log-sum-exp minus
     the positive logit, so near a zero loss the error is relative to the loss
@@ -110,12 +111,13 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True, block_size=None
 
     ``block_size=b`` (a positive int; default None: the dense path above)
     computes the same loss and gradients without ever holding the 2N x 2N
-    matrix (Inf-CL, arXiv 2410.17243): b x b tiles of the logits, an online
-    (max-shifted) log-sum-exp per row in forward, each tile recomputed from
-    the stored row log-sum-exps in backward.  Memory O(N b + N d), about one
-    extra GEMM and one extra exponential of the logits in time; any b works
-    (1, a non-divisor of 2N, b >= 2N).  The same cancellation-free row form
-    is used (ops/_tiled_contrastive.py).
+    matrix (Inf-CL, arXiv 2410.17243): the logits of b rows at a time (their
+    columns on and right of the diagonal, by symmetry), an online
+    (max-shifted) log-sum-exp per row in forward, the same logits recomputed
+    in backward from the stored row log-sum-exps.  Memory O(N b + N d); time
+    about half a GEMM and half an exponential of the matrix more than the
+    dense path.  Any b works (1, a non-divisor of 2N, b >= 2N).  The same
+    cancellation-free row form is used (ops/_tiled_contrastive.py).
 
     Reference: Chen et al. 2020, arXiv 2002.05709; google-research/simclr
     tf2/objective.py.  Backward: derivations/contrastive_backward.md#info_nce;
