@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.linalg import blas
 
 from .. import validation as V
 from .._blocks import map_row_blocks
 from ..numerics import logsumexp
 from ..registry import Range, register
 from ._positive_ce import positive_ce, positive_ce_from_sums
+from ._tiled_contrastive import info_nce_tiled_backward, info_nce_tiled_forward
 from .normalize import l2_normalize_backward, l2_normalize_forward
 
 __all__ = [
@@ -44,6 +46,25 @@ def _gram(u):
     return u @ np.ascontiguousarray(u.T)
 
 
+_ROWS = 128  # rows per block of the elementwise work on a (2N x 2N) matrix (map_row_blocks)
+
+
+def _gram_upper(a):
+    """a a^T (C order) with only its upper triangle j >= i written: BLAS syrk, half the work of a GEMM.
+
+    (numpy's a @ a.T also calls syrk but then copies the triangle; here the other half is never read.)
+    """
+    syrk = blas.ssyrk if a.dtype == np.float32 else blas.dsyrk
+    return syrk(1.0, a.T, trans=1, lower=1).T  # a.T is a's Fortran-ordered view: no copy
+
+
+def _symmetric_times(m_upper, u, alpha):
+    """alpha M u for the symmetric M whose upper triangle (C order) is ``m_upper``: BLAS symm, no mirror."""
+    symm = blas.ssymm if u.dtype == np.float32 else blas.dsymm
+    # in Fortran terms: (u^T M)^T with u^T and M^T (lower triangle) as views, so nothing is copied
+    return symm(alpha, m_upper.T, u.T, side=1, lower=1).T
+
+
 def _swap_views(a, n):
     """Rows i <-> i + n: the positive partner of every stacked row."""
     return np.concatenate([a[n:], a[:n]])
@@ -57,7 +78,7 @@ def _split_grad(du, ncache, n):
 # --------------------------------------------------------------------------------------------- info_nce
 
 
-def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True):
+def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True, block_size=None):
     """SimCLR NT-Xent loss (paper scale).
 
     With ``u = [z1/||z1||; z2/||z2||]`` (2N x D), cosine similarities
@@ -78,78 +99,130 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True):
     the logit-scaling shortcut).  It is not SimCLR; it exists to show that.
 
     Stability: cosines are at most 1, so ``exp((s - 1)/tau) <= 1`` never
-    overflows; the matrix of these values is symmetric, which lets backward
-    use one GEMM.  If a row's sum would underflow (only for tau below about
-    0.02 in float32), the op falls back to a per-row max shift.  Precision:
+    overflows; the matrix of these values is symmetric, so only its upper
+    triangle is formed (BLAS syrk: half a GEMM, half the exponentials) and
+    backward multiplies by it with BLAS symm.  If a row's sum would
+    underflow (only for tau below about 0.02 in float32), the op falls back
+    to a per-row max shift.  Precision:
     where the positive outweighs the negatives a row's term is evaluated as
     log1p(sum of negative weights / positive weight), not as log-sum-exp minus
     the positive logit, so near a zero loss the error is relative to the loss
     rather than about eps/tau absolute (ops/_positive_ce.py, tests/test_precision.py).
 
+    ``block_size=b`` (a positive int; default None: the dense path above)
+    computes the same loss and gradients without ever holding the 2N x 2N
+    matrix (Inf-CL, arXiv 2410.17243): the logits of b rows at a time (their
+    columns on and right of the diagonal, by symmetry), an online
+    (max-shifted) log-sum-exp per row in forward, the same logits recomputed
+    in backward from the stored row log-sum-exps.  Memory O(N b + N d); time
+    about half a GEMM and half an exponential of the matrix more than the
+    dense path.  Any b works (1, a non-divisor of 2N, b >= 2N).  The same
+    cancellation-free row form is used (ops/_tiled_contrastive.py).
+
     Reference: Chen et al. 2020, arXiv 2002.05709; google-research/simclr
-    tf2/objective.py.  Backward: derivations/contrastive_backward.md#info_nce.
+    tf2/objective.py.  Backward: derivations/contrastive_backward.md#info_nce;
+    tiled: derivations/contrastive_backward.md#tiled-info_nce-and-clip.
     """
     normalize = V.flag(normalize, "normalize")
     u, ncache = _unit_views(z1, z2, normalize=normalize)
     tau = V.positive(temperature, "temperature")
+    block = None if block_size is None else V.positive_int(block_size, "block_size")
     n2, dt = u.shape[0], u.dtype
+    if block is not None:
+        per_row, a, lse = info_nce_tiled_forward(u, tau, block, cosine=normalize)
+        cache = ("tiled", a, (lse, block), u, ncache, tau, _positive_entries(per_row))
+        loss = np.mean(per_row, dtype=np.float64)
+        return V.finite_output(dt.type(loss), "info_nce", temperature=tau), cache
     n = n2 // 2
     pos = np.einsum("ij,ij->i", u[:n], u[n:])  # cosine of each positive pair
     pos2 = np.concatenate([pos, pos])
     partner = (np.arange(n2) + n) % n2
     inv_tau = dt.type(1.0 / tau)
     w_pos = np.zeros(n2, dtype=dt)
-    w_neg = np.zeros(n2, dtype=dt)
+    row_sums = np.zeros(n2, dtype=dt)
+    col_sums = np.zeros((-(-n2 // _ROWS), n2), dtype=dt)  # per row block: the blocks run concurrently
 
     def rows(s, t):
-        blk = e[s:t]
+        # E is symmetric: only its upper triangle is formed.  Row i's sum over j != i is the sum of its
+        # upper part (j > i) plus the sum of column i's upper part (j < i).
+        blk = e[s:t, s:]
+        below = np.tril_indices(t - s)  # the diagonal (self-similarity) and the unwritten part below it
+        blk[below] = 0
         blk -= inv_tau
         np.exp(blk, out=blk)
+        blk[below] = 0
         r = np.arange(t - s)
-        blk[r, np.arange(s, t)] = 0  # exclude self-similarity
-        cols = partner[s:t]
-        w_pos[s:t] = blk[r, cols]  # the negatives are summed apart from the positive (see _positive_ce)
-        blk[r, cols] = 0
-        w_neg[s:t] = blk.sum(axis=1)
-        blk[r, cols] = w_pos[s:t]
+        first = s + r < n  # rows of view 1: their positive i + N is right of the diagonal
+        cols = partner[s:t][first] - s
+        w_pos[s:t][first] = blk[r[first], cols]  # negatives are summed apart from the positive (_positive_ce)
+        blk[r[first], cols] = 0
+        row_sums[s:t] = blk.sum(axis=1)
+        col_sums[s // _ROWS, s:] = blk.sum(axis=0)
+        blk[r[first], cols] = w_pos[s:t][first]
 
     if normalize:  # the single shift 1/tau bounds the logits only for cosines
-        e = _gram(u * dt.type(math.sqrt(1.0 / tau)))  # logits s_ij / tau straight from the GEMM
-        map_row_blocks(rows, n2)
+        e = _gram_upper(u * dt.type(math.sqrt(1.0 / tau)))  # logits s_ij / tau straight from BLAS syrk
+        map_row_blocks(rows, n2, block=_ROWS)
+        w_pos[n:] = w_pos[:n]  # E_{i+N, i} = E_{i, i+N}
+    w_neg = row_sums + col_sums.sum(axis=0)
     z = w_pos + w_neg
     finfo = np.finfo(dt)
     if normalize and z.min() >= finfo.tiny / finfo.eps:
         per_row = positive_ce_from_sums(w_pos, w_neg, np.log(z) + (1.0 - pos2) / dt.type(tau))
-        cache = ("symmetric", e, (1.0 / z).astype(dt), u, ncache, tau)
+        cache = ("symmetric", e, (1.0 / z).astype(dt), u, ncache, tau, _positive_entries(per_row))
     else:  # raw dot products, or a row sum near underflow: shift each row by its own maximum
         logits = _gram(u) * inv_tau
         np.fill_diagonal(logits, -np.inf)
         lse = logsumexp(logits, axis=1, keepdims=True)
         p = np.exp(logits - lse)
         per_row = positive_ce(p, partner, lse[:, 0] - logits[np.arange(n2), partner])
-        cache = ("rowwise", p, None, u, ncache, tau)
+        cache = ("rowwise", p, None, u, ncache, tau, _positive_entries(per_row))
     loss = np.mean(per_row, dtype=np.float64)
     return V.finite_output(dt.type(loss), "info_nce", temperature=tau), cache
 
 
+def _positive_entries(per_row):
+    """(P + P^T - 2 Pi) at each positive pair (i, p(i)): (P_ip - 1) + (P_pi - 1) = expm1(-l_i) + expm1(-l_p).
+
+    P_{i,p(i)} = exp(-l_i) for the row loss l_i, so P - 1 is written without the cancellation of a
+    probability close to 1: near a zero loss the gradient keeps the loss's relative accuracy.
+    """
+    q = np.expm1(-per_row)
+    return q + _swap_views(q, len(q) // 2)
+
+
 def info_nce_backward(cache, grad_out):
-    """dL/du = (g / (2N tau)) [ (P + P^T) u - 2 u_swap ], then the L2-normalisation backward."""
-    kind, mat, r, u, ncache, tau = cache
+    """dL/du = (g / (2N tau)) M u with M = P + P^T - 2 Pi, then the L2-normalisation backward.
+
+    M equals P + P^T off the positive pairs; at (i, p(i)) it holds :func:`_positive_entries`.
+    """
+    kind, mat, extra, u, ncache, tau, at_pos = cache
     n2, dt = u.shape[0], u.dtype
     go = float(V.grad_out(grad_out, (), dt))
-    if kind == "symmetric":
-        # P = diag(r) E with E symmetric, so P + P^T = E * (r_i + r_j): no transpose needed.
+    partner = (np.arange(n2) + n2 // 2) % n2
+    if kind == "tiled":
+        lse, block = extra
+        du = info_nce_tiled_backward(u, mat, lse, at_pos, tau, block)
+    elif kind == "symmetric":
+        # P = diag(r) E with E symmetric, so P + P^T = E * (r_i + r_j): no transpose needed, and like E
+        # only the upper triangle is formed (BLAS symm reads nothing else).
+        r = extra
         m = np.empty_like(mat)
+        n = n2 // 2
 
         def rows(s, t):
-            np.add(r[s:t, None], r[None, :], out=m[s:t])
-            m[s:t] *= mat[s:t]
+            blk = m[s:t, s:]
+            np.add(r[s:t, None], r[None, s:], out=blk)
+            blk *= mat[s:t, s:]
+            first = np.arange(s, min(t, n))  # the positive pairs (i, i + N), i in view 1
+            m[first, first + n] = at_pos[first]
 
-        map_row_blocks(rows, n2)
+        map_row_blocks(rows, n2, block=_ROWS)
+        return _split_grad(_symmetric_times(m, u, go / (n2 * tau)), ncache, n)
     else:
         m = mat + mat.T
-    du = m @ u
-    du -= 2 * _swap_views(u, n2 // 2)
+        m[np.arange(n2), partner] = at_pos
+        du = m @ u
     du *= dt.type(go / (n2 * tau))
     return _split_grad(du, ncache, n2 // 2)
 
@@ -161,11 +234,23 @@ def _views_example(rng, dtype=np.float64, min_rows=1):
     return z1.astype(dtype), z2.astype(dtype)
 
 
+def _with_block_size(rng, kwargs, n_rows):
+    """Half the examples take the tiled path, with a block size from 1 to past the number of rows."""
+    if rng.random() < 0.5:
+        kwargs["block_size"] = int(rng.integers(1, n_rows + 2))
+    return kwargs
+
+
+def _info_nce_example(rng, dtype=np.float64):
+    z1, z2 = _views_example(rng, dtype)
+    return (z1, z2), _with_block_size(rng, {"temperature": 0.1}, 2 * len(z1))
+
+
 register(
     "info_nce",
     forward=info_nce_forward,
     backward=info_nce_backward,
-    example=lambda rng, dtype=np.float64: (_views_example(rng, dtype), {"temperature": 0.1}),
+    example=_info_nce_example,
     differentiable=(0, 1),
     reference="Chen et al. 2020 (SimCLR), arXiv 2002.05709; google-research/simclr tf2/objective.py "
               "(add_contrastive_loss)",
