@@ -106,8 +106,11 @@ def _offdiag(c):
 # ----------------------------------------------------------------------------------------------------
 # contrastive
 
-def info_nce(z1, z2, *, temperature=0.1, normalize=True):
+def info_nce(z1, z2, *, temperature=0.1, normalize=True, block_size=None):
     """SimCLR NT-Xent at the paper scale (canonical §2): the official TF value is 2x this.
+
+    ``block_size`` is refssl's memory-tiling switch; the tiled loss equals the dense one, so it is accepted
+    and ignored here.
 
     u = [z1^; z2^] (2N, D), s = u u^T / tau with the self entry excluded, positive of i is i + N mod 2N;
     L = 1/(2N) sum_i CE over the 2N - 1 other rows.  ``normalize=False`` uses raw dot products.
@@ -121,9 +124,10 @@ def info_nce(z1, z2, *, temperature=0.1, normalize=True):
     return _ce(s, pos)
 
 
-def clip(img, txt, logit_scale):
+def clip(img, txt, logit_scale, *, block_size=None):
     """Symmetric CLIP loss (open_clip ClipLoss, canonical §3): Lambda = e^s I^ T^^T,
-    L = (CE(Lambda, id) + CE(Lambda^T, id)) / 2; ``logit_scale`` s is a 0-d tensor (log 1/tau)."""
+    L = (CE(Lambda, id) + CE(Lambda^T, id)) / 2; ``logit_scale`` s is a 0-d tensor (log 1/tau).
+    ``block_size`` (refssl's memory tiling, same result) is accepted and ignored."""
     logits = torch.exp(logit_scale) * (_unit(img) @ _unit(txt).T)
     ids = _arange(img.shape[0], img)
     return 0.5 * (_ce(logits, ids) + _ce(logits.T, ids))
