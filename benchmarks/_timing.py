@@ -36,3 +36,15 @@ def median_ms(fn, repeats: int) -> float:
     """Median wall time of ``fn`` in milliseconds."""
     ts = sorted(times(fn, repeats))
     return 1e3 * ts[len(ts) // 2]
+
+
+def blas_info() -> str:
+    """Which BLAS kernel numpy runs (threadpoolctl, when installed) and the OpenBLAS overrides in force."""
+    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    try:
+        from threadpoolctl import threadpool_info
+        libs = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} x{i.get('num_threads')}"
+                for i in threadpool_info() if i.get("user_api") == "blas"]
+    except ImportError:
+        libs = ["(threadpoolctl not installed: kernel not shown)"]
+    return f"BLAS: {'; '.join(libs)}; OpenBLAS overrides: {env or 'none'}"

@@ -29,7 +29,7 @@ import os
 import statistics
 import time
 
-from _timing import set_threads, use_checkout
+from _timing import blas_info, set_threads, use_checkout
 
 
 def _parse(argv):
@@ -55,17 +55,6 @@ def interleaved(fns, repeats: int, warmup: int = 1) -> list[list[float]]:
             ts.append(1e3 * (time.perf_counter() - t0))
     return out
 
-
-def _blas_info():
-    """Which BLAS kernel numpy runs (threadpoolctl, when installed) and the OpenBLAS overrides in force."""
-    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
-    try:
-        from threadpoolctl import threadpool_info
-        libs = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} x{i.get('num_threads')}"
-                for i in threadpool_info() if i.get("user_api") == "blas"]
-    except ImportError:
-        libs = ["(threadpoolctl not installed: kernel not shown)"]
-    return f"BLAS: {'; '.join(libs)}; OpenBLAS overrides: {env or 'none'}"
 
 
 def _torch_net(torch, net, params, norm):
@@ -126,7 +115,7 @@ def main(argv=None) -> int:
     n_params = sum(v.size for v in params.values())
     print(f"small CNN ({n_params} parameters, norm={args.norm}), batch {batch}, 32x32x3 float32, "
           f"{args.threads} threads; numpy {np.__version__}")
-    print(_blas_info())
+    print(blas_info())
     try:
         import torch
     except ImportError:

@@ -40,7 +40,7 @@ import os
 import sys
 import time
 
-from _timing import set_threads, use_checkout
+from _timing import blas_info, set_threads, use_checkout
 
 CLASSES = 10
 _clock = time.perf_counter  # --clock cpu: time.process_time
@@ -78,17 +78,6 @@ def _median(ts):
     ts = sorted(ts)
     return ts[len(ts) // 2]
 
-
-def _blas_info():
-    """Which BLAS kernel numpy runs (threadpoolctl, when installed) and the OpenBLAS overrides in force."""
-    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
-    try:
-        from threadpoolctl import threadpool_info
-        libs = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} x{i.get('num_threads')}"
-                for i in threadpool_info() if i.get("user_api") == "blas"]
-    except ImportError:
-        libs = ["(threadpoolctl not installed: kernel not shown)"]
-    return f"BLAS: {'; '.join(libs)}; OpenBLAS overrides: {env or 'none'}"
 
 
 def main(argv=None) -> int:
@@ -178,7 +167,7 @@ def main(argv=None) -> int:
         if worst > 1e-3:
             raise SystemExit(f"gradients differ: worst scale-relative error {worst:.2e} (sdpa={sdpa})")
     print(f"{what}, float32, {args.threads} threads; torch {torch.__version__}, numpy {np.__version__}")
-    print(_blas_info())
+    print(blas_info())
     print(f"check: loss refssl {float(loss):.6f} torch {tl.item():.6f}; every gradient within 1e-3 of torch's "
           f"(scale-relative, worst {worst:.1e})")
 
