@@ -28,3 +28,23 @@ def assert_gradients(name_or_op, args, kwargs, rng=None, **kw):
     rep = gradcheck.check(op, args, kwargs, rng=rng, **kw)
     assert rep.ok, rep.describe()
     return rep
+
+
+def run_tiny_experiment(name, tmp_path):
+    """Run toy experiment ``name`` at the tiny level into ``tmp_path``; check that it wrote its figures,
+    an unjudged ``metrics.json`` and a report with its expectation; return (metrics, summary)."""
+    import io
+    import json
+
+    from toy_experiments import load_all, run_experiment
+
+    load_all()
+    summary = run_experiment(name, level="tiny", seed=0, results_root=tmp_path, stream=io.StringIO())
+    folder = tmp_path / name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    report = (folder / "report.md").read_text()
+    for fig in summary["figures"]:
+        assert (folder / fig).is_file() and (folder / fig).stat().st_size > 1000
+    assert metrics["met"] is None  # tiny runs are not judged
+    assert "Expected outcome" in report and "## Measured" in report
+    return metrics["metrics"], summary

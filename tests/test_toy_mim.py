@@ -4,33 +4,14 @@ Outcome quality is judged in the quick/full reports, not here; these tests check
 metrics' keys and the ranges every value must lie in at any scale.
 """
 
-import io
-import json
 import math
 
 import numpy as np
 import pytest
 
-from toy_experiments import load_all, run_experiment
+from .helpers import run_tiny_experiment as _run
 
 FACTORS = ("shape", "color", "position", "size")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _experiments():
-    load_all()
-
-
-def _run(name, tmp_path):
-    summary = run_experiment(name, level="tiny", seed=0, results_root=tmp_path, stream=io.StringIO())
-    folder = tmp_path / name
-    metrics = json.loads((folder / "metrics.json").read_text())
-    report = (folder / "report.md").read_text()
-    for fig in summary["figures"]:
-        assert (folder / fig).is_file() and (folder / fig).stat().st_size > 1000
-    assert metrics["met"] is None  # tiny runs are not judged
-    assert "Expected outcome" in report and "## Measured" in report
-    return metrics["metrics"], summary
 
 
 def _check_probe(res):
