@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 
+from .. import validation as V
 from ..ops import activations, attention, linear, masked_modelling, norm_layers
 from .io import prefixed, subdict
 from .layers import Module
@@ -195,6 +196,13 @@ class TransformerBlock(Module):
         return dx, grads
 
 
+def _scan_boundary(named_arrays, why: str) -> None:
+    """ValueError naming the first array that holds NaN or inf (the checks at a module's boundary)."""
+    for name, a in named_arrays:
+        if not V.all_finite(a):
+            raise ValueError(f"{name} contains NaN or inf ({why})")
+
+
 class TransformerStack(Module):
     """``depth`` blocks applied in turn; params ``"{i}.*"``.
 
@@ -215,12 +223,21 @@ class TransformerStack(Module):
         return p, {}
 
     def forward_outputs(self, params, x, *, key_mask=None):
-        """(outputs of every block, caches)."""
+        """(outputs of every block, caches).
+
+        NaN/inf are checked at the stack's boundary (its input, its parameters, every block's output)
+        rather than by each of the ~20 ops per block (see :func:`refssl.validation.inputs_scanned_by_caller`).
+        """
+        V.float_array(x, "x", ndim=3, shape_doc="(B, L, D)")
+        _scan_boundary(((f"params[{k!r}]", v) for k, v in params.items()), "the stack's parameters")
         outs, caches = [], []
-        for i, blk in enumerate(self.blocks):
-            x, c, _ = blk.forward(subdict(params, str(i)), {}, x, key_mask=key_mask)
-            outs.append(x)
-            caches.append(c)
+        with V.inputs_scanned_by_caller():
+            for i, blk in enumerate(self.blocks):
+                x, c, _ = blk.forward(subdict(params, str(i)), {}, x, key_mask=key_mask)
+                outs.append(x)
+                caches.append(c)
+        _scan_boundary(((f"the output of block {i}", o) for i, o in enumerate(outs)),
+                       "an intermediate overflowed the dtype")
         return outs, caches
 
     def forward(self, params, state, x, *, train=True, key_mask=None):
@@ -229,12 +246,20 @@ class TransformerStack(Module):
 
     def backward(self, cache, dout, *, need_dx=True, extra=None):
         extra = extra or {}
+        if not cache:
+            return dout, {}
+        shape, dt = cache[-1][0][3], cache[-1][0][0].dtype  # the last block's first layer norm: (B, L, D)
+        dout = V.grad_out(dout, shape, dt, name="dout")
+        extra = {i: V.grad_out(e, shape, dt, name=f"extra[{i}]") for i, e in extra.items()}
         grads = {}
-        for i in range(self.depth - 1, -1, -1):
-            if i in extra:
-                dout = dout + extra[i]
-            dout, g = self.blocks[i].backward(cache[i], dout)
-            grads.update(prefixed(g, str(i)))
+        with V.inputs_scanned_by_caller():
+            for i in range(self.depth - 1, -1, -1):
+                if i in extra:
+                    dout = dout + extra[i]
+                dout, g = self.blocks[i].backward(cache[i], dout)
+                grads.update(prefixed(g, str(i)))
+        _scan_boundary([("the input gradient", dout)] + [(f"the gradient of {k!r}", v) for k, v in grads.items()],
+                       "an intermediate overflowed the dtype")
         return dout, grads
 
 
