@@ -423,3 +423,16 @@ def test_decoder_output_activation_choice():
     assert isinstance(nn.conv_decoder(4, image_size=8, channels=(2,), out_act=None).layers[-1], nn.ConvTranspose2d)
     with pytest.raises(ValueError, match="out_act"):
         nn.conv_decoder(4, image_size=8, channels=(2,), out_act="tanh")
+
+
+def test_linear_backward_without_input_gradient():
+    rng = np.random.default_rng(3)
+    x, w, b = rng.standard_normal((4, 5, 3)), rng.standard_normal((3, 2)), rng.standard_normal(2)
+    _, cache = linear.linear_forward(x, w, b)
+    g = rng.standard_normal((4, 5, 2))
+    dx, dw, db = linear.linear_backward(cache, g, need_dx=False)
+    assert dx is None
+    np.testing.assert_allclose(dw, np.einsum("nld,nlm->dm", x, g), rtol=1e-12)
+    np.testing.assert_allclose(db, g.sum(axis=(0, 1)), rtol=1e-12)
+    with pytest.raises(TypeError, match="need_dx"):
+        linear.linear_backward(cache, g, need_dx="no")

@@ -323,8 +323,9 @@ class ViT(Module):
         return x, c
 
     def embed_patches_backward(self, cache, d, grads):
-        """Parameter gradients of :meth:`embed_patches` into ``grads`` (the images get none)."""
-        _lin_backward(cache, d, "patch", grads)
+        """Parameter gradients of :meth:`embed_patches` into ``grads`` (the images get none, so the
+        linear's input gradient is not computed)."""
+        _, grads["patch.w"], grads["patch.b"] = linear.linear_backward(cache, d, need_dx=False)
 
     def prepend_cls(self, params, x, pos0):
         """x (N, K, D) -> (N, K + 1, D) with the CLS token (+ its position row) first."""
