@@ -55,7 +55,7 @@ def _check_grads(params, grads):
         g = grads[k]
         if not isinstance(g, np.ndarray) or g.shape != p.shape:
             raise ValueError(f"grads[{k!r}] must have shape {p.shape}, got {getattr(g, 'shape', type(g))}")
-        if not np.all(np.isfinite(g)):
+        if not V.all_finite(g):
             raise ValueError(f"grads[{k!r}] contains NaN or inf")
 
 
@@ -138,11 +138,23 @@ class Adam(_Optimizer):
             w = w * (1.0 - lr * wd)
         else:
             g = grad + wd * w
-        m = self.beta1 * bufs["m"] + (1.0 - self.beta1) * g
-        v = self.beta2 * bufs["v"] + (1.0 - self.beta2) * (g * g)
-        mhat = m / (1.0 - self.beta1 ** t)
-        vhat = v / (1.0 - self.beta2 ** t)
-        return w - lr * mhat / (np.sqrt(vhat) + self.eps), {"m": m, "v": v}
+        # In PyTorch's order (torch/optim/adam.py, single-tensor path): m and v by linear interpolation,
+        # denom = sqrt(v) / sqrt(1 - b2^t) + eps, w - (lr / (1 - b1^t)) m / denom.  Four new arrays
+        # (m, v, the step, w); the other passes run in place on them.
+        m0, v0, dt = bufs["m"], bufs["v"], w.dtype.type
+        m = np.subtract(g, m0, dtype=w.dtype)
+        m *= dt(1.0 - self.beta1)
+        m += m0
+        v = np.multiply(g, g, dtype=w.dtype)
+        v -= v0
+        v *= dt(1.0 - self.beta2)
+        v += v0
+        step = np.sqrt(v)
+        step /= dt(math.sqrt(1.0 - self.beta2 ** t))
+        step += dt(self.eps)
+        np.divide(m, step, out=step)
+        step *= dt(lr / (1.0 - self.beta1 ** t))
+        return np.subtract(w, step, out=step), {"m": m, "v": v}
 
 
 class AdamW(Adam):

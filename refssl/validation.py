@@ -81,6 +81,9 @@ def inputs_scanned_by_caller():
         _SCAN_SKIPPED.reset(token)
 
 
+_DOT_SCAN_MIN = 1 << 14
+
+
 def _all_finite(x: np.ndarray) -> bool:
     """``np.isfinite(x).all()`` for a float array, at the cost of one BLAS reduction when x is finite.
 
@@ -88,7 +91,8 @@ def _all_finite(x: np.ndarray) -> bool:
     entry is, unless the sum of squares of huge finite entries overflows: on a non-finite result the
     exact elementwise test decides, so the answer is always the exact one.
     """
-    if x.size and x.flags.c_contiguous and x.dtype in FLOAT_DTYPES:
+    # Below about 16k entries the boolean test is cheaper than the dot product with its errstate.
+    if x.size >= _DOT_SCAN_MIN and x.flags.c_contiguous and x.dtype in FLOAT_DTYPES:
         flat = x.reshape(-1)
         with np.errstate(over="ignore", invalid="ignore"):
             if np.isfinite(np.dot(flat, flat)):

@@ -72,7 +72,7 @@ def test_stack_reports_an_overflow_inside_at_its_boundary():
     stack, params, x = _stack(np.float32)
     params["0.fc2.w"][...] = np.float32(3e38)  # finite, but the MLP branch overflows float32
     with np.errstate(over="ignore", invalid="ignore"):
-        with pytest.raises(ValueError, match="the output of block 0 contains NaN or inf"):
+        with pytest.raises(ValueError, match="the output of block 1 contains NaN or inf"):
             stack.forward_outputs(params, x)
 
 

@@ -144,3 +144,21 @@ def test_cosine_schedule_fixed_points():
     assert nowarm(0) == 1.0 and nowarm(100) == 0.0
     with pytest.raises(ValueError, match="warmup_steps"):
         optim.CosineSchedule(1.0, 10, warmup_steps=10)
+
+
+@pytest.mark.parametrize("cls,wd", [("Adam", 0.0), ("Adam", 0.1), ("AdamW", 0.05)])
+def test_adam_matches_torch_over_several_steps(cls, wd):
+    torch = pytest.importorskip("torch", reason="torch not installed: the cross-check against torch.optim skips")
+    rng = np.random.default_rng(7)
+    w0 = rng.standard_normal((4, 3))
+    grads = [rng.standard_normal((4, 3)) for _ in range(5)]
+    opt = getattr(optim, cls)(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd)
+    params, state = {"w": w0.copy()}, None
+    state = opt.init(params)
+    tw = torch.tensor(w0.copy(), requires_grad=True)
+    topt = getattr(torch.optim, cls)([tw], lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd)
+    for g in grads:
+        params, state = opt.step(params, {"w": g}, state)
+        tw.grad = torch.tensor(g)
+        topt.step()
+        np.testing.assert_allclose(params["w"], tw.detach().numpy(), rtol=1e-13, atol=1e-15)
