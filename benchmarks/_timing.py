@@ -9,17 +9,11 @@ import time
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "REFSSL_NUM_THREADS")
 
 
-# The process settings every benchmark runs under, for refssl and torch alike (they share the process):
-# - OpenBLAS worker threads spin for about 2^28 cycles (~0.1 s) after each call before they sleep.  Between
-#   two GEMMs, refssl's elementwise work runs in its own small thread pool and torch's in OpenMP threads;
-#   either then competes for the 2 cores with a spinning BLAS thread that has nothing to do.  2^4 cycles
-#   lets it sleep at once (waking it costs microseconds, against milliseconds per GEMM).
-# - glibc returns freed memory above 128 KiB to the kernel (mmap / heap trimming), so every large temporary
-#   of the next step is faulted in again page by page.  Keeping it in the heap removes those faults.
-# Both change speed only, never a result.  BENCH_DEFAULT_RUNTIME=1 leaves the process as it starts.
-SPIN_TIMEOUT = "4"  # OPENBLAS_THREAD_TIMEOUT: log2 of the cycles an idle OpenBLAS thread spins
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc mallopt parameters
-_MMAP_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit: blocks above it are still mmapped
+# The process settings every benchmark runs under, for refssl and torch alike (they share the process),
+# from refssl/runtime.py (its docstring says why): idle OpenBLAS threads sleep at once instead of spinning
+# for ~0.1 s and taking a core from the elementwise work of refssl's thread pool and of torch's OpenMP
+# threads; glibc keeps freed memory, so large temporaries are not faulted in again every step.  Both change
+# speed only, never a result.  BENCH_DEFAULT_RUNTIME=1 leaves the process as it starts.
 _runtime_notes: list[str] = []
 
 
@@ -31,23 +25,13 @@ def set_threads(n: int) -> None:
     if os.environ.get("BENCH_DEFAULT_RUNTIME") == "1":
         _runtime_notes.append("default runtime (BENCH_DEFAULT_RUNTIME=1)")
         return
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", SPIN_TIMEOUT)
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before numpy (and so refssl) is imported
     _runtime_notes.append(f"OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']}")
-    _runtime_notes.append(_keep_heap())
+    use_checkout()
+    from refssl.runtime import keep_freed_memory
 
-
-def _keep_heap() -> str:
-    """Ask glibc to keep freed memory (no trimming, no mmap below 32 MiB); a description of what was set."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = (libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-              and libc.mallopt(_M_TOP_PAD, 64 << 20))
-    except (OSError, AttributeError):
-        ok = False
-    return "glibc heap kept (mmap threshold 32 MiB, no trim)" if ok else "glibc heap settings unavailable"
+    _runtime_notes.append("glibc keeps freed memory (refssl.runtime.keep_freed_memory)" if keep_freed_memory()
+                          else "glibc heap settings unavailable")
 
 
 def use_checkout() -> None:
