@@ -142,14 +142,15 @@ class Adam(_Optimizer):
         # denom = sqrt(v) / sqrt(1 - b2^t) + eps, w - (lr / (1 - b1^t)) m / denom.  Four new arrays
         # (m, v, the step, w); the other passes run in place on them.
         m0, v0, dt = bufs["m"], bufs["v"], w.dtype.type
-        m = np.subtract(g, m0, dtype=w.dtype)
+        m, v, step = np.empty_like(w), np.empty_like(w), np.empty_like(w)  # arrays even for 0-d parameters
+        np.subtract(g, m0, out=m)
         m *= dt(1.0 - self.beta1)
         m += m0
-        v = np.multiply(g, g, dtype=w.dtype)
+        np.multiply(g, g, out=v)
         v -= v0
         v *= dt(1.0 - self.beta2)
         v += v0
-        step = np.sqrt(v)
+        np.sqrt(v, out=step)
         step /= dt(math.sqrt(1.0 - self.beta2 ** t))
         step += dt(self.eps)
         np.divide(m, step, out=step)

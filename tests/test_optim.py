@@ -162,3 +162,13 @@ def test_adam_matches_torch_over_several_steps(cls, wd):
         tw.grad = torch.tensor(g)
         topt.step()
         np.testing.assert_allclose(params["w"], tw.detach().numpy(), rtol=1e-13, atol=1e-15)
+
+
+def test_adam_on_a_zero_dim_parameter_keeps_arrays():
+    opt = optim.Adam(lr=0.1)
+    p = {"scale": np.array(2.0, np.float32)}
+    s = opt.init(p)
+    for _ in range(2):
+        p, s = opt.step(p, {"scale": np.array(0.5, np.float32)}, s)
+    assert isinstance(p["scale"], np.ndarray) and p["scale"].dtype == np.float32
+    np.testing.assert_allclose(p["scale"], 1.8, rtol=1e-6)  # two steps of lr against a constant gradient
