@@ -75,7 +75,7 @@ def test_one_seed_keeps_the_one_folder_layout(tmp_path, dummies, capsys):
     assert main(["run", "toy_dummy_a", "--tiny", "--seeds", "3", "--out", str(tmp_path / "seeds")]) == 0
     assert main(["run", "toy_dummy_a", "--tiny", "--seed", "3", "--out", str(tmp_path / "seed")]) == 0
     files = sorted(p.name for p in (tmp_path / "seeds").iterdir())
-    assert files == ["curve.png", "metrics.json", "report.md"]
+    assert files == ["curve.npy", "metrics.json", "report.md"]
     assert files == sorted(p.name for p in (tmp_path / "seed").iterdir())
     one, other = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("seeds", "seed"))
     assert one["seed"] == 3 and one["metrics"] == other["metrics"]
@@ -90,7 +90,7 @@ def test_several_seeds_folders_report_and_index(tmp_path, dummies):
     assert _run_all(exps, tmp_path, "quick", [0, 1], stream=log) == 0
     a = tmp_path / "toy_dummy_a"
     assert sorted(p.name for p in a.iterdir()) == ["metrics.json", "report.md", "seed-0", "seed-1"]
-    assert sorted(p.name for p in (a / "seed-1").iterdir()) == ["curve.png", "metrics.json", "report.md"]
+    assert sorted(p.name for p in (a / "seed-1").iterdir()) == ["curve.npy", "metrics.json", "report.md"]
     assert _hidden(tmp_path) == []
     runs = [json.loads((a / f"seed-{s}" / "metrics.json").read_text()) for s in (0, 1)]
     agg = json.loads((a / "metrics.json").read_text())

@@ -16,6 +16,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from . import load_all  # noqa: E402
+from .framework import run_experiment  # noqa: E402
 from .parallel import SchedulerUnavailable, require_distributed, run_suite  # noqa: E402
 
 
@@ -114,6 +115,9 @@ def _run(argv) -> int:
     if args.command == "run":
         exp = exps[args.name]
         dest = Path(args.out) if args.out is not None else Path("results") / exp.name
+        if len(seeds) == 1 and args.workers in (None, 1) and args.scheduler is None:
+            run_experiment(exp.name, level=level, seed=seeds[0], out=dest)  # what run_suite would do, directly
+            return 0
         run_suite([exp], level=level, seeds=seeds, dests={exp.name: dest}, workers=args.workers,
                   scheduler=args.scheduler)
         return 0

@@ -16,9 +16,11 @@ Where the jobs run:
   worker writes into the staging folder it is given;
 * ``scheduler=ADDRESS``: Dask distributed.  A worker runs the job in a temporary folder of its own and
   returns the files (metrics.json, report.md, figures) to this process, which writes them: the workers need
-  no file system shared with the client, only this repository's ``toy_experiments`` and ``refssl`` importable
-  (start them from a checkout, or with it on PYTHONPATH).  Each job runs with the client's BLAS thread count
-  when threadpoolctl is installed in the worker (Dask's nanny starts workers with one thread anyway).
+  no file system shared with the client, only this repository's ``toy_experiments`` and ``refssl`` importable,
+  and so does the scheduler, which unpickles the jobs (start both with the checkout on PYTHONPATH).  Each job runs with the client's BLAS thread count
+  when threadpoolctl is installed in the worker (Dask's nanny starts workers with one thread anyway; the
+  limit is per process, so give the workers one thread each, ``dask worker --nthreads 1``, when the client
+  asks for another thread count than theirs).
 
 Results do not depend on where a job ran: a job's numbers are a function of (experiment, level, seed) and
 the BLAS thread count, which every report records.
@@ -129,7 +131,8 @@ def _local_blas_threads() -> int | None:
 class _InProcess:
     """One job at a time, in this process."""
 
-    capacity, local, where = 1, True, "in this process"
+    capacity = slots = 1
+    local, where = True, "in this process"
 
     def submit(self, job):
         return job
@@ -160,7 +163,7 @@ class _Pool:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        self.capacity = workers
+        self.capacity = self.slots = workers
         self.where = f"in {workers} worker processes"
         self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_worker_init)
@@ -213,6 +216,7 @@ class _Dask:
         except (OSError, ValueError) as e:  # unreachable (after Dask's connect timeout), malformed address
             raise SchedulerUnavailable(f"cannot connect to the Dask scheduler at {address}: {e}") from None
         self.capacity = None  # submit everything: the scheduler balances the jobs over its workers
+        self.slots = max(1, sum(self.client.nthreads().values()))  # jobs at once, for the estimate
         self.where = f"on the Dask scheduler {address}"
         self.completed = distributed.as_completed(loop=self.client.loop)  # this client's, not a default one
 
@@ -224,7 +228,16 @@ class _Dask:
 
     def wait_one(self, handles):
         future = next(self.completed)
-        return future, future.result()
+        try:
+            return future, future.result()
+        except Exception as e:
+            missing = next((x for x in (e, e.__cause__) if isinstance(x, ModuleNotFoundError)), None)
+            if missing is None:
+                raise
+            checkout = Path(__file__).resolve().parents[1]
+            raise SchedulerUnavailable(
+                f"the Dask cluster cannot import {missing.name!r}: its scheduler and workers need refssl and this "
+                f"checkout's toy_experiments importable (start them with PYTHONPATH={checkout})") from e
 
     def abort(self, handles):
         # A task already running on a worker finishes there and is dropped; its temporary folder is the
@@ -255,7 +268,10 @@ def run_suite(exps: list[Experiment], *, level: str, seeds: list[int], dests: di
     ``index``: the index.md to keep up to date (before the first job, after each experiment, and marked
     interrupted when the run stops early); None for none.  Progress lines go to ``stream`` (stderr): in this
     process one before each job, with workers one as each job finishes; either says which job of how many,
-    the time elapsed and an estimate of the time left."""
+    the time elapsed and an estimate of the time left.
+
+    With ``workers``, a script that calls this must do so under ``if __name__ == "__main__":`` (the workers
+    are spawned: they import the main module)."""
     stream = stream if stream is not None else sys.stderr
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
@@ -319,7 +335,7 @@ def run_suite(exps: list[Experiment], *, level: str, seeds: list[int], dests: di
             if not isinstance(runner, _InProcess):
                 remaining = [j.name for j in inflight.values()] + [j.name for j in jobs]
                 print(f"[suite {finished}/{total} finished, {_duration(time.perf_counter() - t0)} elapsed, "
-                      f"{estimate(remaining, capacity)}] {job.name}" + (f" seed {job.seed}" if multi else "")
+                      f"{estimate(remaining, runner.slots)}] {job.name}" + (f" seed {job.seed}" if multi else "")
                       + f": expectation {_verdict_word(summary['met'])} ({summary['seconds']:.1f} s "
                       f"{runner.where})", file=stream, flush=True)
             if len(per_seed[job.name]) == len(seeds):
@@ -329,15 +345,17 @@ def run_suite(exps: list[Experiment], *, level: str, seeds: list[int], dests: di
                 if index is not None:
                     write_index(summaries, index, planned=names, status="running")
     except BaseException:
-        if runner is not None:
-            runner.abort(inflight)
-        for folder in staging.values():
-            shutil.rmtree(folder, ignore_errors=True)
-        if index is not None:
-            try:
-                write_index(summaries, index, planned=names, status="interrupted")
-            except OSError:
-                pass  # the original error is the one to report
+        try:
+            if runner is not None:
+                runner.abort(inflight)  # first: no worker may still write into a folder removed next
+        finally:
+            for folder in staging.values():
+                shutil.rmtree(folder, ignore_errors=True)
+            if index is not None:
+                try:
+                    write_index(summaries, index, planned=names, status="interrupted")
+                except OSError:
+                    pass  # the original error is the one to report
         raise
     finally:
         if runner is not None:
