@@ -97,7 +97,8 @@ def test_several_seeds_folders_report_and_index(tmp_path, dummies):
     assert agg["seeds"] == [0, 1] and agg["rule"] == sd.RULE
     # seed 1 of toy_dummy_a fails its criterion seed_is_even: not met in aggregate, 1 of 2
     assert (agg["met"], agg["seeds_met"], agg["seeds_judged"]) == (False, 1, 2)
-    assert [(s["seed"], s["met"], s["failed"]) for s in agg["per_seed"]] == [(0, True, []), (1, False, ["seed_is_even"])]
+    per_seed = [(s["seed"], s["met"], s["failed"]) for s in agg["per_seed"]]
+    assert per_seed == [(0, True, []), (1, False, ["seed_is_even"])]
     firsts = [r["metrics"]["loss"]["first"] for r in runs]
     assert agg["metrics"]["loss"]["first"]["mean"] == pytest.approx(statistics.mean(firsts), rel=1e-15)
     assert agg["metrics"]["loss"]["first"]["std"] == pytest.approx(statistics.stdev(firsts), rel=1e-12)
@@ -150,7 +151,8 @@ def test_workers_give_the_numbers_of_the_sequential_run(tmp_path, dummies):
     # the workers' BLAS: this process's thread variables, in force when numpy loaded there
     threads = os.environ["OPENBLAS_NUM_THREADS"]
     for seed in seeds:
-        env = json.loads((tmp_path / "pool" / "toy_dummy_a" / f"seed-{seed}" / "metrics.json").read_text())["environment"]
+        run = tmp_path / "pool" / "toy_dummy_a" / f"seed-{seed}" / "metrics.json"
+        env = json.loads(run.read_text())["environment"]
         assert env["blas_threads"]["OPENBLAS_NUM_THREADS"] == threads
         if env["threadpools"] is not None:  # threadpoolctl installed: the thread count numpy's BLAS really uses
             assert {p["num_threads"] for p in env["threadpools"] if p["internal_api"] == "openblas"} == {int(threads)}

@@ -360,7 +360,7 @@ def write_index(summaries: list[dict], path: str | Path, *, planned: list[str] |
                 status: str = "complete") -> None:
     """Index report of a suite run (written atomically: a reader sees the old or the new index, never half).
 
-    A summary over several seeds (:func:`toy_experiments.seeds.aggregate`) is one row, its expectation
+    A summary over several seeds (:func:`toy_experiments.seeds.write_aggregate`) is one row, its expectation
     column saying on how many seeds the expectation was met.
 
     ``planned``: the names the run set out to do; those not in ``summaries`` are listed as well, with what

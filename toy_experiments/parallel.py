@@ -16,11 +16,11 @@ Where the jobs run:
   worker writes into the staging folder it is given;
 * ``scheduler=ADDRESS``: Dask distributed.  A worker runs the job in a temporary folder of its own and
   returns the files (metrics.json, report.md, figures) to this process, which writes them: the workers need
-  no file system shared with the client, only this repository's ``toy_experiments`` and ``refssl`` importable,
-  and so does the scheduler, which unpickles the jobs (start both with the checkout on PYTHONPATH).  Each job runs with the client's BLAS thread count
-  when threadpoolctl is installed in the worker (Dask's nanny starts workers with one thread anyway; the
-  limit is per process, so give the workers one thread each, ``dask worker --nthreads 1``, when the client
-  asks for another thread count than theirs).
+  no file system shared with the client, only this repository's ``toy_experiments`` and ``refssl``
+  importable, and so does the scheduler, which unpickles the jobs (start both with the checkout on
+  PYTHONPATH).  Each job runs with the client's BLAS thread count when threadpoolctl is installed in the
+  worker (Dask's nanny starts workers with one thread anyway; the limit is per process, so give the workers
+  one thread each, ``dask worker --nthreads 1``, when the client asks for another thread count than theirs).
 
 Results do not depend on where a job ran: a job's numbers are a function of (experiment, level, seed) and
 the BLAS thread count, which every report records.
