@@ -36,8 +36,8 @@ import numpy as np
 
 from refssl.nn.io import recover_dir, replace_dir
 
-__all__ = ["Experiment", "Outcome", "Context", "experiment", "EXPERIMENTS", "run_experiment", "write_index",
-           "LEVELS", "markdown_table", "runtime_info", "suite_estimate"]
+__all__ = ["Experiment", "Outcome", "Context", "experiment", "EXPERIMENTS", "run_experiment", "run_in_folder",
+           "make_staging", "write_index", "LEVELS", "markdown_table", "runtime_info", "suite_estimate"]
 
 LEVELS = ("tiny", "quick", "full")  # tiny: smoke test of the code path; quick: minutes; full: the real run
 
@@ -80,15 +80,19 @@ def experiment(name: str, *, title: str, question: str, expected: str, order: in
 
 
 class Context:
-    """What a running experiment gets: its level, seed, output folder and a progress reporter."""
+    """What a running experiment gets: its level, seed, output folder and a progress reporter.
 
-    def __init__(self, name: str, level: str, seed: int, out_dir: Path, stream=None):
+    ``label`` starts its progress lines (default: the name; a run among several seeds adds its seed)."""
+
+    def __init__(self, name: str, level: str, seed: int, out_dir: Path, stream=None, *, label: str | None = None):
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
         self.name, self.level, self.seed, self.out_dir = name, level, seed, Path(out_dir)
+        self.label = label or name
         self.rng = np.random.default_rng(seed)
         self.stream = stream if stream is not None else sys.stderr
         self.settings: dict = {}
+        self.criteria: dict = {}  # name -> bool, every criterion judged (see judge); kept in metrics.json
         self._t0 = time.perf_counter()
 
     def pick(self, tiny, quick, full):
@@ -102,12 +106,15 @@ class Context:
 
     def progress(self, message: str) -> None:
         elapsed = time.perf_counter() - self._t0
-        print(f"[{self.name} {elapsed:6.1f}s] {message}", file=self.stream, flush=True)
+        # one write per line: workers running side by side share the stream
+        self.stream.write(f"[{self.label} {elapsed:6.1f}s] {message}\n")
+        self.stream.flush()
 
     def judge(self, checks: dict) -> tuple[bool | None, list[str]]:
         """``(met, failed)`` for named criteria: met is ``all(checks)``, or None at the tiny level (a smoke
         test is too small to judge); ``failed`` lists the names of the criteria that do not hold."""
         failed = [name for name, ok in checks.items() if not ok]
+        self.criteria.update({name: bool(ok) for name, ok in checks.items()})
         return (None if self.level == "tiny" else not failed), failed
 
     def figure_path(self, filename: str) -> Path:
@@ -163,8 +170,10 @@ def runtime_info() -> dict:
     except ImportError:
         info["threadpools"] = None  # threadpoolctl not installed: the variables are all we know
     else:
-        info["threadpools"] = [{k: d.get(k) for k in ("user_api", "internal_api", "num_threads", "version")}
-                               for d in threadpool_info()]
+        pools = [{k: d.get(k) for k in ("user_api", "internal_api", "num_threads", "version")}
+                 for d in threadpool_info()]
+        # in a fixed order, not the order the libraries happened to load in: runs compare equal
+        info["threadpools"] = sorted(pools, key=lambda d: tuple(str(v) for v in d.values()))
     return info
 
 
@@ -232,38 +241,64 @@ def _umask() -> int:
     return mask
 
 
-def run_experiment(name: str, *, level: str = "full", seed: int = 0, out: str | Path | None = None,
-                   results_root: str | Path = "results", stream=None) -> dict:
-    """Run one experiment and write its folder atomically; returns a summary dict."""
-    exp = EXPERIMENTS[name]
-    dest = Path(out) if out is not None else Path(results_root) / name
+def run_in_folder(exp: Experiment, *, level: str, seed: int, folder: str | Path, stream=None,
+                  shown_as: str | None = None, label: str | None = None) -> tuple[dict, Context]:
+    """Run ``exp`` with its figures, ``metrics.json`` and ``report.md`` written into ``folder`` (an existing,
+    empty folder: a staging folder, never the destination itself); returns ``(summary, ctx)``.
+
+    The summary is what metrics.json holds (numbers not yet made JSON-friendly).  ``shown_as`` names where
+    the result will end up, for the progress line; ``label`` starts the progress lines (see Context)."""
+    folder = Path(folder)
+    ctx = Context(exp.name, level, seed, folder, stream=stream, label=label)
+    ctx.progress(f"start ({level}, seed {seed})")
+    t0 = time.perf_counter()
+    outcome = exp.run(ctx)
+    seconds = time.perf_counter() - t0
+    info = runtime_info()
+    for f in outcome.figures:
+        if not (folder / f).is_file():
+            raise RuntimeError(f"experiment {exp.name} reported figure {f} but did not write it")
+    summary = {
+        "name": exp.name, "title": exp.title, "level": level, "seed": seed, "seconds": round(seconds, 2),
+        "expected": exp.expected, "met": outcome.met, "verdict": outcome.verdict,
+        "settings": ctx.settings, "criteria": ctx.criteria, "metrics": outcome.metrics,
+        "figures": outcome.figures, "environment": info, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (folder / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    (folder / "report.md").write_text(_report(exp, ctx, outcome, seconds, info))
+    if shown_as is not None:
+        ctx.progress(f"done in {seconds:.1f}s: expectation {_verdict_word(outcome.met)} -> {shown_as}")
+    return summary, ctx
+
+
+def make_staging(dest: str | Path) -> Path:
+    """A fresh staging folder ``.NAME.tmp-PID-...`` beside ``dest``, with the mode mkdir would give, after
+    undoing what killed earlier writers of ``dest`` left (see the module docstring)."""
+    dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging_prefix = f".{dest.name}.tmp-"
-    recover_dir(dest, staging_prefix)  # what a killed earlier run left: see the module docstring
+    recover_dir(dest, staging_prefix)
     staging = Path(tempfile.mkdtemp(prefix=f"{staging_prefix}{os.getpid()}-", dir=dest.parent))
     try:
         # mkdtemp makes the folder 0700 (private scratch space); a result folder is shared like any other
         # folder the user creates, so give it the mode mkdir would: 0777 minus the umask.
         staging.chmod(0o777 & ~_umask())
-        ctx = Context(name, level, seed, staging, stream=stream)
-        ctx.progress(f"start ({level}, seed {seed})")
-        t0 = time.perf_counter()
-        outcome = exp.run(ctx)
-        seconds = time.perf_counter() - t0
-        info = runtime_info()
-        for f in outcome.figures:
-            if not (staging / f).is_file():
-                raise RuntimeError(f"experiment {name} reported figure {f} but did not write it")
-        summary = {
-            "name": name, "title": exp.title, "level": level, "seed": seed, "seconds": round(seconds, 2),
-            "expected": exp.expected, "met": outcome.met, "verdict": outcome.verdict,
-            "settings": ctx.settings, "metrics": outcome.metrics, "figures": outcome.figures,
-            "environment": info, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        (staging / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
-        (staging / "report.md").write_text(_report(exp, ctx, outcome, seconds, info))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def run_experiment(name: str, *, level: str = "full", seed: int = 0, out: str | Path | None = None,
+                   results_root: str | Path = "results", stream=None) -> dict:
+    """Run one experiment and write its folder atomically; returns a summary dict."""
+    exp = EXPERIMENTS[name]
+    dest = Path(out) if out is not None else Path(results_root) / name
+    staging = make_staging(dest)
+    try:
+        summary, ctx = run_in_folder(exp, level=level, seed=seed, folder=staging, stream=stream)
         replace_dir(staging, dest)
-        ctx.progress(f"done in {seconds:.1f}s: expectation {_verdict_word(outcome.met)} -> {dest}")
+        ctx.progress(f"done in {summary['seconds']:.1f}s: expectation {_verdict_word(summary['met'])} -> {dest}")
         summary["path"] = str(dest)
         return summary
     except BaseException:
@@ -280,7 +315,9 @@ def _earlier_result(folder: Path) -> dict | None:
 
 
 def suite_estimate(done_seconds: list[float], remaining: list[str], root: str | Path, level: str) -> float | None:
-    """Seconds the ``remaining`` experiments of a suite run will take, or None when there is nothing to go on.
+    """Seconds the ``remaining`` runs of a suite will take, or None when there is nothing to go on.
+
+    ``remaining`` names the experiment of each run still to do (once per seed when there are several).
 
     The experiments differ tenfold in cost, so each remaining one is estimated by its own last run at this
     level (its metrics.json under ``root``) when there is one, else by the mean of those done in this run."""
@@ -289,7 +326,8 @@ def suite_estimate(done_seconds: list[float], remaining: list[str], root: str | 
     for name in remaining:
         prev = _earlier_result(Path(root) / name)
         if prev is not None and prev.get("level") == level and isinstance(prev.get("seconds"), (int, float)):
-            total += float(prev["seconds"])
+            # a result over several seeds records the seconds of all of them; a remaining entry is one run
+            total += float(prev["seconds"]) / max(1, len(prev.get("seeds") or [None]))
         elif mean is not None:
             total += mean
         else:
@@ -302,9 +340,28 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
+def _index_verdict(summary: dict) -> str:
+    """The expectation column of the index: the verdict, and for a run over several seeds how many met it."""
+    word = _verdict_word(summary.get("met"))
+    seeds = summary.get("seeds")
+    if isinstance(seeds, list) and len(seeds) > 1 and summary.get("seeds_judged"):
+        word += f" ({summary.get('seeds_met')}/{summary['seeds_judged']} seeds met)"
+    return word
+
+
+def _seeds_text(summary: dict) -> str:
+    seeds = summary.get("seeds")
+    if isinstance(seeds, list) and len(seeds) > 1:
+        return "seeds " + ",".join(str(s) for s in seeds)
+    return f"seed {summary.get('seed')}"
+
+
 def write_index(summaries: list[dict], path: str | Path, *, planned: list[str] | None = None,
                 status: str = "complete") -> None:
     """Index report of a suite run (written atomically: a reader sees the old or the new index, never half).
+
+    A summary over several seeds (:func:`toy_experiments.seeds.write_aggregate`) is one row, its expectation
+    column saying on how many seeds the expectation was met.
 
     ``planned``: the names the run set out to do; those not in ``summaries`` are listed as well, with what
     their folder holds: the result of an earlier run (level, seed, when it finished) or nothing.  ``status``:
@@ -314,7 +371,7 @@ def write_index(summaries: list[dict], path: str | Path, *, planned: list[str] |
         raise ValueError(f"status must be complete, running or interrupted, got {status!r}")
     path = Path(path)
     rows = [{"experiment": f"[{s['name']}]({Path(s['path']).name}/report.md)", "title": s["title"],
-             "expectation": _verdict_word(s["met"]), "seconds": s["seconds"], "from": "this run"}
+             "expectation": _index_verdict(s), "seconds": s["seconds"], "from": "this run"}
             for s in summaries]
     done = {s["name"] for s in summaries}
     earlier = []
@@ -328,8 +385,8 @@ def write_index(summaries: list[dict], path: str | Path, *, planned: list[str] |
         else:
             earlier.append(name)
             rows.append({"experiment": f"[{name}]({name}/report.md)", "title": prev.get("title", ""),
-                         "expectation": _verdict_word(prev.get("met")), "seconds": prev.get("seconds", ""),
-                         "from": f"EARLIER run ({prev.get('level')}, seed {prev.get('seed')}, "
+                         "expectation": _index_verdict(prev), "seconds": prev.get("seconds", ""),
+                         "from": f"EARLIER run ({prev.get('level')}, {_seeds_text(prev)}, "
                                  f"finished {prev.get('finished', 'at an unknown time')})"})
     met = sum(1 for s in summaries if s["met"] is True)
     judged = sum(1 for s in summaries if s["met"] is not None)
