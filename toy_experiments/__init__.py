@@ -17,6 +17,9 @@ import pkgutil
 # before anything imports numpy: ``python -m toy_experiments`` imports this package before ``__main__``.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+# With more threads chosen: idle OpenBLAS threads sleep at once instead of spinning for ~0.1 s against
+# refssl's own thread pool (refssl/runtime.py).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .framework import EXPERIMENTS, experiment, run_experiment  # noqa: F401,E402
 

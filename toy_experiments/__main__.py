@@ -15,6 +15,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")  # figures are written to files; no d
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+from refssl.runtime import keep_freed_memory  # noqa: E402
+
 from . import load_all  # noqa: E402
 from .framework import run_experiment  # noqa: E402
 from .parallel import SchedulerUnavailable, require_distributed, run_suite  # noqa: E402
@@ -37,6 +39,7 @@ def main(argv=None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (main() called from a worker thread): leave signals alone
         previous = None
+    keep_freed_memory()  # speed only (refssl/runtime.py): this process runs experiments and nothing else
     try:
         return _run(argv)
     except KeyboardInterrupt as e:

@@ -43,6 +43,7 @@ from pathlib import Path, PurePosixPath
 os.environ.setdefault("MPLBACKEND", "Agg")  # also in spawned workers, which import this module first
 
 from refssl.nn.io import replace_dir  # noqa: E402
+from refssl.runtime import keep_freed_memory  # noqa: E402
 
 from .framework import (EXPERIMENTS, Experiment, _duration, _jsonable, _verdict_word, make_staging,  # noqa: E402
                         run_in_folder, suite_estimate, write_index)
@@ -94,6 +95,7 @@ def run_job(job: Job) -> dict:
     metrics.json holds it, and, when the job had no folder, every file of the result as bytes by relative
     path."""
     exp = _experiment(job)
+    keep_freed_memory()  # speed only (refssl/runtime.py); this process runs experiments and nothing else
     with _thread_limit(job.blas_threads):
         if job.folder is not None:
             summary, _ = run_in_folder(exp, level=job.level, seed=job.seed, folder=job.folder,
