@@ -37,20 +37,27 @@ def mlp_encoder(image_size: int, hidden: int = 256, out_dim: int = 64, *, norm="
     return nn.mlp([3 * image_size * image_size, hidden, out_dim], norm=norm, flatten=True)
 
 
-def conv_encoder(image_size: int, channels=(8, 16, 32), out_dim: int = 64, *, norm=None):
+def conv_encoder(image_size: int, channels=(8, 16, 32), out_dim: int = 64, *, norm=None, global_pool=False):
     """The conv encoder of the book's setting, narrowed to this CPU budget: per entry of ``channels`` a block
     conv3x3 -> [BN] -> ReLU -> 2x2 max-pool, then Flatten -> Linear to ``out_dim`` (:func:`refssl.nn.cnn_encoder`).
-    The book's encoder has 6 conv layers; 3 blocks keep a training step within the suite's budget."""
-    return nn.cnn_encoder(image_size=image_size, channels=tuple(channels), out_dim=out_dim, norm=norm)
+    ``global_pool=True`` averages the last feature map over its positions before the Linear (a head that
+    cannot read where in the image a feature sits).  The book's encoder has 6 conv layers; 3 blocks keep a
+    training step within the suite's budget."""
+    enc = nn.cnn_encoder(image_size=image_size, channels=tuple(channels), out_dim=out_dim, norm=norm)
+    if not global_pool:
+        return enc
+    s = int(image_size) >> len(channels)
+    return nn.Sequential(enc.layers[:-2] + [nn.AvgPool2d(s), nn.Flatten(), nn.Linear(channels[-1], out_dim)])
 
 
-def conv_encoder_text(image_size: int, channels, out_dim: int, norm=None) -> str:
+def conv_encoder_text(image_size: int, channels, out_dim: int, norm=None, global_pool=False) -> str:
     """One line describing :func:`conv_encoder` for a report's setting."""
     s, parts = image_size, []
     for c in channels:
         s //= 2
         parts.append(f"conv3x3-{c}{'-BN' if norm else ''}-ReLU-pool ({c}x{s}x{s})")
-    return f"{image_size}x{image_size}x3 -> " + " -> ".join(parts) + f" -> linear {out_dim}"
+    return (f"{image_size}x{image_size}x3 -> " + " -> ".join(parts) + (" -> global average" if global_pool else "")
+            + f" -> linear {out_dim}")
 
 
 def encoder_layer_features(trainer, x, *, net: str = "enc", batch_size: int = 500):
