@@ -41,9 +41,9 @@ def family_setting(ctx):
     return {"image_size": ctx.pick(tiny=16, quick=16, full=24),
             "n_train": ctx.pick(tiny=256, quick=2000, full=6000),
             "n_val": ctx.pick(tiny=128, quick=500, full=1500),
-            "steps": ctx.pick(tiny=2, quick=120, full=1000),
-            "batch_size": ctx.pick(tiny=32, quick=128, full=256),
-            "channels": ctx.pick(tiny=(4, 8, 16), quick=(8, 16, 32), full=(16, 32, 64)),
+            "steps": ctx.pick(tiny=2, quick=120, full=500),
+            "batch_size": ctx.pick(tiny=32, quick=128, full=128),
+            "channels": ctx.pick(tiny=(4, 8, 16), quick=(8, 16, 32), full=(8, 16, 32)),
             "out_dim": 64, "lr": 2e-3, "temperature": TEMPERATURE}
 
 

@@ -138,12 +138,12 @@ def run(ctx):
     n_train = ctx.pick(tiny=256, quick=2000, full=6000)
     n_val = ctx.pick(tiny=128, quick=500, full=1500)
     steps = ctx.pick(tiny=2, quick=300, full=1000)
-    batch = ctx.pick(tiny=32, quick=64, full=128)
-    channels = ctx.pick(tiny=(4, 8, 16), quick=(8, 16, 32), full=(16, 32, 64))
-    lr = 1e-3
+    batch = ctx.pick(tiny=32, quick=64, full=64)
+    channels = ctx.pick(tiny=(4, 8, 16), quick=(8, 16, 32), full=(8, 16, 32))
+    lr = 3e-3
     lam, t = 1.0, 2.0
     ctx.setting(loss="alignment + lam * uniformity on l2_normalize(z), z in R^2", lam=lam, t=t, steps=steps,
-                batch_size=batch, lr=lr, encoder=common.conv_encoder_text(size, channels, 2) + " (no norm)")
+                batch_size=batch, lr=lr, encoder=common.conv_encoder_text(size, channels, 2, global_pool=True) + " (no norm)")
     ds = common.dataset(ctx, n_train, n_val, size=size)
     loss = AlignUniformLoss()
 
@@ -151,7 +151,7 @@ def run(ctx):
     for i, fam in enumerate(("crop_only", "crop_color_jitter")):
         pairs = data.view_pair_stream(fam, ds.train.factors, np.random.default_rng(ctx.seed * 1000 + 31 + i),
                                       batch_size=batch, images=ds.train.images, size=size)
-        tr = common.train_pairs(ctx, pairs, encoder=common.conv_encoder(size, channels, 2), loss=loss,
+        tr = common.train_pairs(ctx, pairs, encoder=common.conv_encoder(size, channels, 2, global_pool=True), loss=loss,
                                 steps=steps, lr=lr, loss_kwargs={"lam": lam, "t": t}, seed_offset=i,
                                 label=f"align_uniform/{fam}")
         u_t, u_v = _unit(tr.encode(ds.train.images)), _unit(tr.encode(ds.val.images))
@@ -207,5 +207,10 @@ def run(ctx):
     notes += ("\n\nHistory: an earlier MLP encoder (16 px, 256 hidden units, no batch norm) reached the 8-colour "
               "circle with crop-only views after a plateau (800 quick steps; one of three seeds stayed folded) and "
               "never coded shape with crop + colour jitter (31-39 %, chance 33 %). The book's encoder is a 6-layer "
-              "CNN trained for 20k steps; this one has 3 conv blocks and the steps of the setting above.")
+              "CNN trained for 20k steps; this one has 3 conv blocks and the steps of the setting above.\n\n"
+              "Training settings tried for the conv encoder before this run (crop_only, 16 px, seed 0 data, 5-NN "
+              "colour accuracy from the angle): lr 1e-3, flatten head, batch 64, 300 steps: 13 % (no structure); lr "
+              "3e-3: 35 % (classes concentrated, R 0.71, but the circle folded: min gap 0.04); lr 3e-3 with a "
+              "global-average head: 31 % at 300 steps, 54 % at 600 steps (R 0.86, still folded); batch 128 and "
+              "t = 6: 33 %. The run uses lr 3e-3 and the global-average head (no criterion was changed).")
     return Outcome(metrics=metrics, table=table, met=met, verdict=verdict, figures=figs, notes=notes)
