@@ -132,7 +132,8 @@ def run(ctx):
     mse_mean_image = float(np.mean((ds.train.images.mean(axis=0) - ds.val.images) ** 2))
 
     ctx.progress("1-NN per factor at every layer")
-    feats_t = {"pixels": baselines.raw_pixels(ds.train.images), **common.encoder_layer_features(trainer, ds.train.images)}
+    feats_t = {"pixels": baselines.raw_pixels(ds.train.images),
+               **common.encoder_layer_features(trainer, ds.train.images)}
     feats_v = {"pixels": baselines.raw_pixels(ds.val.images), **common.encoder_layer_features(trainer, ds.val.images)}
     depth_names = list(feats_t)
     bottleneck = depth_names[-1]
@@ -193,9 +194,10 @@ def run(ctx):
     verdict = (f"1-NN over depth ({' / '.join(d.split(' (')[0] for d in depth_names)}): colour "
                f"{' / '.join(pct(v) for v in col)} %, shape {' / '.join(pct(v) for v in shp)} % (chance "
                f"{pct(acc['pixels']['shape']['chance'])} %); bottleneck neighbours share colour "
-               f"{pct(hw['color']['share'])} % (chance {pct(hw['color']['chance'])}), size {pct(hw['size']['share'])} % "
-               f"({pct(hw['size']['chance'])}), position {pct(hw['position']['share'])} % "
-               f"({pct(hw['position']['chance'])}), shape {pct(hw['shape']['share'])} % ({pct(hw['shape']['chance'])}). "
+               f"{pct(hw['color']['share'])} % (chance {pct(hw['color']['chance'])}), size "
+               f"{pct(hw['size']['share'])} % ({pct(hw['size']['chance'])}), position {pct(hw['position']['share'])} % "
+               f"({pct(hw['position']['chance'])}), shape {pct(hw['shape']['share'])} % "
+               f"({pct(hw['shape']['chance'])}). "
                + ("All criteria hold." if not failed else "Failed: " + "; ".join(failed) + "."))
     metrics = {"mse_val": mse_val, "mse_mean_image": mse_mean_image, "depths": depth_names,
                "knn_by_depth": acc, "neighbour_sharing": share, "bottleneck_probe": lat,

@@ -1,7 +1,7 @@
 """Experiment 3: the book's 2-D embedding on the circle S^1 (Torralba, Isola & Freeman, ch. 30).
 
-A conv encoder (:func:`toy_experiments.common.conv_encoder`, as in the book) maps each image to R^2, the output is L2-normalised onto the unit circle, and the two views
-of each image are trained with the alignment + uniformity objective of Wang & Isola (arXiv 2005.10242):
+A conv encoder (:func:`toy_experiments.common.conv_encoder`, as in the book) maps each image to R^2, the
+output is L2-normalised onto the unit circle, and the two views of each image are trained with the alignment + uniformity objective of Wang & Isola (arXiv 2005.10242):
 
     L = L_align(u_1, u_2) + lam * (L_unif(u_1) + L_unif(u_2)) / 2,    u_v = z_v / ||z_v||,
 
@@ -143,7 +143,8 @@ def run(ctx):
     lr = 3e-3
     lam, t = 1.0, 2.0
     ctx.setting(loss="alignment + lam * uniformity on l2_normalize(z), z in R^2", lam=lam, t=t, steps=steps,
-                batch_size=batch, lr=lr, encoder=common.conv_encoder_text(size, channels, 2, global_pool=True) + " (no norm)")
+                batch_size=batch, lr=lr,
+                encoder=common.conv_encoder_text(size, channels, 2, global_pool=True) + " (no norm)")
     ds = common.dataset(ctx, n_train, n_val, size=size)
     loss = AlignUniformLoss()
 

@@ -127,7 +127,8 @@ def run(ctx):
         and abs(bt["rank_projector"] - hs["rank_projector"]) < 0.25 * bt["rank_projector"],
         "lambda_controls_rank (BT rank rises with lambda over the whole sweep, Spearman >= 0.8, no fall > 10 %)":
             v_rank.holds,
-        "BT rank at the largest lambda > 1.5x that at the smallest": bt_hi["rank_projector"] > 1.5 * bt_lo["rank_projector"],
+        "BT rank at the largest lambda > 1.5x that at the smallest":
+            bt_hi["rank_projector"] > 1.5 * bt_lo["rank_projector"],
     }
     met, _ = ctx.judge(checks)
     verdict = (f"Smallest projector effective rank over all runs {min_rank:.1f} ({lowest}); at lambda = {ref:.4g} BT vs HSIC: "
@@ -141,9 +142,11 @@ def run(ctx):
                f"at lambda {lo:.4g} / {ref:.4g} / {hi:.4g} and {vic['linear_color']:.2f} for VICReg. Checks: "
                + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items()) + ".")
     notes = ("Whole-sweep verdicts:\n\n" + "\n".join(f"- {v}" for v in (v_rank, rank_peak))
-             + " (the second is reported, not judged).\n\nEffective rank: exp of the entropy of the normalised singular values of 256 held-out embeddings "
+             + " (the second is reported, not judged).\n\nEffective rank: exp of the entropy of the normalised "
+             "singular values of 256 held-out embeddings "
              "(uncentred; 1 = collapsed). Probes are validation accuracies on the encoder output; the views differ "
              "in colour only, so colour is the factor the losses are asked to discard.")
-    return Outcome(metrics={"runs": metrics, "checks": checks, "sweep_verdicts": {
-                       "rank": str(v_rank), "rank_peak_at": rank_peak.stats["best_at"]}}, table=markdown_table(rows), met=met,
+    sweep_verdicts = {"rank": str(v_rank), "rank_peak_at": rank_peak.stats["best_at"]}
+    return Outcome(metrics={"runs": metrics, "checks": checks, "sweep_verdicts": sweep_verdicts},
+                   table=markdown_table(rows), met=met,
                    verdict=verdict, figures=[f1], notes=notes)
