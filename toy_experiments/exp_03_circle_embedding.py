@@ -1,7 +1,8 @@
 """Experiment 3: the book's 2-D embedding on the circle S^1 (Torralba, Isola & Freeman, ch. 30).
 
 A conv encoder (:func:`toy_experiments.common.conv_encoder`, as in the book) maps each image to R^2, the
-output is L2-normalised onto the unit circle, and the two views of each image are trained with the alignment + uniformity objective of Wang & Isola (arXiv 2005.10242):
+output is L2-normalised onto the unit circle, and the two views of each image are trained with the
+alignment + uniformity objective of Wang & Isola (arXiv 2005.10242):
 
     L = L_align(u_1, u_2) + lam * (L_unif(u_1) + L_unif(u_2)) / 2,    u_v = z_v / ||z_v||,
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refssl import data, registry
+from refssl import data, nn, registry
 from refssl import eval as ev
 
 from . import common
@@ -57,6 +58,16 @@ class AlignUniformLoss:
         du1 = du1 + self.unif.backward(cu1, g * lam / 2)[0]
         du2 = du2 + self.unif.backward(cu2, g * lam / 2)[0]
         return self.norm.backward(cn1, du1)[0], self.norm.backward(cn2, du2)[0]
+
+
+def circle_encoder(size, channels):
+    """Conv encoder into R^2 for the circle: conv blocks, global average, linear to 2, then batch norm of the
+    2-d output.  The norm centres the output on the batch mean, so from the first step the origin lies inside
+    the loop that the colour classes trace in the plane; an uncentred output starts with the origin outside
+    that loop, and its angles then fold the loop onto an arc (several classes on one angle), a configuration
+    the loss cannot leave without passing the loop through the origin."""
+    enc = common.conv_encoder(size, channels, 2, global_pool=True)
+    return nn.Sequential(enc.layers + [nn.BatchNorm(2)])
 
 
 def _unit(z):
@@ -144,7 +155,8 @@ def run(ctx):
     lam, t = 1.0, 2.0
     ctx.setting(loss="alignment + lam * uniformity on l2_normalize(z), z in R^2", lam=lam, t=t, steps=steps,
                 batch_size=batch, lr=lr,
-                encoder=common.conv_encoder_text(size, channels, 2, global_pool=True) + " (no norm)")
+                encoder=common.conv_encoder_text(size, channels, 2, global_pool=True)
+                + " -> batch norm of the 2-d output")
     ds = common.dataset(ctx, n_train, n_val, size=size)
     loss = AlignUniformLoss()
 
@@ -152,7 +164,7 @@ def run(ctx):
     for i, fam in enumerate(("crop_only", "crop_color_jitter")):
         pairs = data.view_pair_stream(fam, ds.train.factors, np.random.default_rng(ctx.seed * 1000 + 31 + i),
                                       batch_size=batch, images=ds.train.images, size=size)
-        tr = common.train_pairs(ctx, pairs, encoder=common.conv_encoder(size, channels, 2, global_pool=True), loss=loss,
+        tr = common.train_pairs(ctx, pairs, encoder=circle_encoder(size, channels), loss=loss,
                                 steps=steps, lr=lr, loss_kwargs={"lam": lam, "t": t}, seed_offset=i,
                                 label=f"align_uniform/{fam}")
         u_t, u_v = _unit(tr.encode(ds.train.images)), _unit(tr.encode(ds.val.images))
@@ -213,5 +225,9 @@ def run(ctx):
               "colour accuracy from the angle): lr 1e-3, flatten head, batch 64, 300 steps: 13 % (no structure); lr "
               "3e-3: 35 % (classes concentrated, R 0.71, but the circle folded: min gap 0.04); lr 3e-3 with a "
               "global-average head: 31 % at 300 steps, 54 % at 600 steps (R 0.86, still folded); batch 128 and "
-              "t = 6: 33 %. The run uses lr 3e-3 and the global-average head (no criterion was changed).")
+              "t = 6: 33 %; global-average head + batch norm of the 2-d output: 97.8 % at 300 steps (R 0.99, min gap "
+              "0.80 of 2 pi/8), flatten head + that norm: 41 %. With crop + colour jitter the last setting stayed at "
+              "chance for shape (33.8 %) at 16 px and 300 steps. The run uses lr 3e-3, the global-average head and "
+              "the output norm (see circle_encoder: the uncentred output folds the colour loop); no criterion "
+              "was changed.")
     return Outcome(metrics=metrics, table=table, met=met, verdict=verdict, figures=figs, notes=notes)
