@@ -226,9 +226,9 @@ def run(ctx):
               "3e-3: 35 % (classes concentrated, R 0.71, but the circle folded: min gap 0.04); lr 3e-3 with a "
               "global-average head: 31 % at 300 steps, 54 % at 600 steps (R 0.86, still folded); batch 128 and "
               "t = 6: 33 %; global-average head + batch norm of the 2-d output: 97.8 % at 300 steps (R 0.99, min gap "
-              "0.80 of 2 pi/8), flatten head + that norm: 41 %. With crop + colour jitter the last setting stayed at "
-              "chance for shape (33.8 %) at 16 px and 300 steps, and so did it at 24 px: 35.6 % (1000 steps, batch 128) "
-              "and 38.0 % (channels 16-32-64, 600 steps, batch 64), chance 35 %. The run uses lr 3e-3, the global-average head and "
-              "the output norm (see circle_encoder: the uncentred output folds the colour loop); no criterion "
-              "was changed.")
+              "0.80 of 2 pi/8), flatten head + that norm: 41 %. With crop + colour jitter the global-average + "
+              "output-norm setting stayed at chance for shape: 33.8 % at 16 px (300 steps), 35.6 % at 24 px (1000 "
+              "steps, batch 128) and 38.0 % at 24 px with channels 16-32-64 (600 steps, batch 64); chance 35 %. The "
+              "run uses lr 3e-3, the global-average head and the output norm (see circle_encoder: the uncentred "
+              "output folds the colour loop); no criterion was changed.")
     return Outcome(metrics=metrics, table=table, met=met, verdict=verdict, figures=figs, notes=notes)
