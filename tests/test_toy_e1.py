@@ -37,10 +37,61 @@ def _probe_ok(res):
 
 def test_autoencoder_tiny(tmp_path):
     summary, m = _run("autoencoder", tmp_path)
-    assert {"ae_retrieval_train.png", "ae_retrieval_val.png", "reconstructions.png"} <= set(summary["figures"])
-    _probe_ok(m["latent"])
-    _probe_ok(m["pixels"])
+    assert {"knn_by_depth.png", "ae_retrieval_train.png", "ae_retrieval_val.png",
+            "reconstructions.png"} <= set(summary["figures"])
+    # pixels, one entry per conv block (3 at every level), the bottleneck
+    assert len(m["depths"]) == 5 and m["depths"][0] == "pixels" and m["depths"][-1].startswith("bottleneck")
+    for d in m["depths"]:
+        for f in ("shape", "color", "position", "size"):
+            assert 0.0 <= m["knn_by_depth"][d][f]["acc"] <= 1.0
+            assert 0.0 < m["knn_by_depth"][d][f]["chance"] <= 1.0
+    for rep in m["neighbour_sharing"].values():
+        for f in ("shape", "color", "position", "size"):
+            assert 0.0 <= rep[f]["share"] <= 1.0 and 0.0 < rep[f]["chance"] < 1.0
+    _probe_ok(m["bottleneck_probe"])
     assert math.isfinite(m["mse_val"]) and m["mse_val"] >= 0
+
+
+def test_encoder_layer_features_match_the_encoder():
+    """Per-block features of the conv encoder: shapes from the architecture, the last entry is the encoder
+    output, and block 1 recomputed by hand (conv -> ReLU -> 2x2 max) agrees."""
+    from refssl import optim
+    from refssl.train import Trainer
+    from toy_experiments import common
+
+    rng = np.random.default_rng(0)
+    x = rng.random((5, 3, 16, 16), dtype=np.float32)
+    tr = Trainer(common.conv_encoder(16, (4, 8, 16), 10), "info_nce", optim.Adam(lr=1e-3), log_every=0)
+    feats = common.encoder_layer_features(tr, x, batch_size=2)
+    assert list(feats) == ["block 1 (4x8x8)", "block 2 (8x4x4)", "block 3 (16x2x2)", "bottleneck (10)"]
+    np.testing.assert_allclose(feats["bottleneck (10)"], tr.encode(x), rtol=1e-5, atol=1e-6)
+    w, b = tr.params["enc.0.w"].astype(np.float64), tr.params["enc.0.b"].astype(np.float64)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    conv = np.zeros((5, 4, 16, 16))
+    for i in range(3):
+        for j in range(3):
+            conv += np.einsum("nchw,oc->nohw", xp[:, :, i:i + 16, j:j + 16], w[:, :, i, j])
+    h = np.maximum(conv + b[None, :, None, None], 0).reshape(5, 4, 8, 2, 8, 2).max(axis=(3, 5))
+    np.testing.assert_allclose(feats["block 1 (4x8x8)"], h.reshape(5, -1), rtol=1e-4, atol=1e-5)
+
+
+def test_neighbour_sharing_and_nn_accuracy_by_hand():
+    """Features that copy the colour class: every neighbour shares colour (share 1); 1-NN colour accuracy 1;
+    chance of a shared colour = mean over queries of the training frequency of the query's colour."""
+    from refssl import data
+    from toy_experiments import common
+
+    rng = np.random.default_rng(1)
+    ft, fv = data.sample_factors(200, rng), data.sample_factors(40, rng)
+    xt = np.eye(8)[ft.color] * 10 + 0.01 * rng.standard_normal((200, 8))
+    xv = np.eye(8)[fv.color] * 10
+    share = common.neighbour_sharing(xt, ft, xv, fv, k=5)
+    assert share["color"]["share"] == 1.0
+    freq = np.bincount(ft.color, minlength=8) / 200
+    assert share["color"]["chance"] == pytest.approx(np.mean(freq[fv.color]))
+    acc = common.nn_factor_accuracy(xt, ft, xv, fv)
+    assert acc["color"]["acc"] == 1.0
+    assert acc["color"]["chance"] == pytest.approx(np.bincount(fv.color).max() / 40)
 
 
 def test_augmentation_families_tiny(tmp_path):
@@ -50,6 +101,10 @@ def test_augmentation_families_tiny(tmp_path):
         _probe_ok(m["probe"][fam])
         assert f"retrieval_{fam}_val.png" in summary["figures"]
     assert all(-1.0 <= v <= 1.0 for v in m["above_chance_B"].values())
+    # homework rows: predicted invariances as designed; observed ones are factors of the probe table
+    assert m["predicted_invariant"] == {"A": ["color"], "B": ["position"], "C": ["shape", "position"]}
+    for fam in "ABC":
+        assert set(m["observed_invariant"][fam]) <= {"shape", "color", "position", "size"}
 
 
 def test_circle_embedding_tiny(tmp_path):

@@ -20,6 +20,7 @@ from refssl import eval as ev
 
 from . import common
 from .framework import Outcome, experiment, markdown_table
+from .verdicts import monotone_trend, stated_optimum
 
 FAMILY = "A"
 PROBED = ("shape", "position", "size", "color")
@@ -36,9 +37,11 @@ def _rank(z):
     expected="No run collapses (effective rank of the projector output > 3 for every loss and lambda). The HSIC "
              "variant matches Barlow Twins at lambda = 1/D (as Tsai et al. report): mean linear-probe accuracy "
              "(shape, position, size) within 0.05 and effective rank within 25%. The off-diagonal weight "
-             "controls the rank: for Barlow Twins the effective rank of the projector output at the largest "
-             "lambda exceeds 1.5x that at the smallest (with a tiny lambda only the diagonal is fitted, so "
-             "redundant, correlated dimensions cost nothing).")
+             "controls the rank, judged over the whole sweep lambda = 1e-4, 1e-3, 1/D, 0.1, 1: for Barlow Twins "
+             "the effective rank of the projector output rises with lambda (Spearman >= 0.8, no fall larger "
+             "than 10 % of the rank between successive lambdas, so the largest rank is at the largest lambda) "
+             "and the rank at the largest lambda exceeds 1.5x that at the smallest (with a tiny lambda only "
+             "the diagonal is fitted, so redundant, correlated dimensions cost nothing).")
 def run(ctx):
     import matplotlib
 
@@ -113,23 +116,37 @@ def run(ctx):
     bt_lo, bt_hi = metrics[f"barlow_twins lambda={lo:.4g}"], metrics[f"barlow_twins lambda={hi:.4g}"]
     lowest = min(metrics, key=lambda k: metrics[k]["rank_projector"])
     min_rank = metrics[lowest]["rank_projector"]
+    bt_ranks = curve("barlow_twins", "rank_projector")
+    v_rank = monotone_trend(lambdas, bt_ranks, "increasing", min_spearman=0.8, tol=0.1, relative=True,
+                            what="Barlow Twins projector rank", along="lambda")
+    rank_peak = stated_optimum(lambdas, bt_ranks, hi, kind="max", what="Barlow Twins projector rank",
+                               along="lambda")  # reported: where the rank peaks
     checks = {
         "no_collapse": min_rank > 3,
         "hsic_matches_bt": abs(bt["linear_mean"] - hs["linear_mean"]) < 0.05
         and abs(bt["rank_projector"] - hs["rank_projector"]) < 0.25 * bt["rank_projector"],
-        "lambda_controls_rank": bt_hi["rank_projector"] > 1.5 * bt_lo["rank_projector"],
+        "lambda_controls_rank (BT rank rises with lambda over the whole sweep, Spearman >= 0.8, no fall > 10 %)":
+            v_rank.holds,
+        "BT rank at the largest lambda > 1.5x that at the smallest":
+            bt_hi["rank_projector"] > 1.5 * bt_lo["rank_projector"],
     }
     met, _ = ctx.judge(checks)
     verdict = (f"Smallest projector effective rank over all runs {min_rank:.1f} ({lowest}); at lambda = {ref:.4g} BT vs HSIC: "
                f"mean probe {bt['linear_mean']:.3f} vs {hs['linear_mean']:.3f}, rank {bt['rank_projector']:.1f} vs "
                f"{hs['rank_projector']:.1f}; BT rank at lambda {lo:.4g} -> {hi:.4g}: {bt_lo['rank_projector']:.1f} -> "
-               f"{bt_hi['rank_projector']:.1f}; VICReg rank {vic['rank_projector']:.1f}, mean probe "
+               f"{bt_hi['rank_projector']:.1f}; over the whole sweep "
+               f"{', '.join(f'{x:.1f}' for x in bt_ranks)} (peak at lambda = {rank_peak.stats['best_at']:.4g}, "
+               f"Spearman {v_rank.stats['spearman']:+.2f}); VICReg rank {vic['rank_projector']:.1f}, mean probe "
                f"{vic['linear_mean']:.3f}. Not judged: the colour probe (the factor the views change; lower = more "
                f"invariant) is {bt_lo['linear_color']:.2f} / {bt['linear_color']:.2f} / {bt_hi['linear_color']:.2f} for BT "
                f"at lambda {lo:.4g} / {ref:.4g} / {hi:.4g} and {vic['linear_color']:.2f} for VICReg. Checks: "
                + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items()) + ".")
-    notes = ("Effective rank: exp of the entropy of the normalised singular values of 256 held-out embeddings "
+    notes = ("Whole-sweep verdicts:\n\n" + "\n".join(f"- {v}" for v in (v_rank, rank_peak))
+             + " (the second is reported, not judged).\n\nEffective rank: exp of the entropy of the normalised "
+             "singular values of 256 held-out embeddings "
              "(uncentred; 1 = collapsed). Probes are validation accuracies on the encoder output; the views differ "
              "in colour only, so colour is the factor the losses are asked to discard.")
-    return Outcome(metrics={"runs": metrics, "checks": checks}, table=markdown_table(rows), met=met,
+    sweep_verdicts = {"rank": str(v_rank), "rank_peak_at": rank_peak.stats["best_at"]}
+    return Outcome(metrics={"runs": metrics, "checks": checks, "sweep_verdicts": sweep_verdicts},
+                   table=markdown_table(rows), met=met,
                    verdict=verdict, figures=[f1], notes=notes)

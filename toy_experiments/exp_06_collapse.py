@@ -218,10 +218,11 @@ def _dino_embed(m, x, params, head=True):
     expected="SimSiam without stop-gradient collapses (effective rank of the projector output -> about 1, std "
              "of the normalised embedding -> 0) and with it does not; BYOL without predictor collapses "
              "(effective rank -> about 1) and with the predictor (and the EMA target) does not; DINO without "
-             "centering collapses (the teacher output is the same for every input: effective rank of its "
-             "softmax output about 1: one prototype takes almost all inputs) and with centering + sharpening does "
-             "not. Criterion per pair: the arm without the ingredient ends with effective rank < 2.5 and the arm "
-             "with it above twice that.")
+             "centering collapses (the teacher's sharpened softmax output concentrates on a few prototypes: "
+             "its effective rank falls towards 1) and with centering + sharpening does not. What is judged, per "
+             "pair: the arm without the ingredient ends with effective rank < 2.5 (for DINO: of the teacher's "
+             "softmax output over a held-out batch) and the arm with it above twice that. The share of inputs "
+             "whose teacher argmax is the most used prototype is reported for DINO, not judged.")
 def run(ctx):
     import matplotlib
 

@@ -6,8 +6,10 @@ while one factor varies), on what share of the trajectory's frames they keep fir
 whose firing the factor never changes.  Trajectories here vary colour (all 8 classes), shape (all 3) or
 position (8 steps along a segment) of validation instances; every other factor stays fixed.
 
-Encoders are trained here, small: InfoNCE with family A (views differ in colour) and with family C (views
-differ in shape and position), and an MLP autoencoder; raw pixels and BRIEF are the non-learned baselines.
+The encoders are the conv encoders of experiments 1 and 2 (same settings, so within one process they are
+trained once and shared): InfoNCE with family A (views differ in colour) and with family C (views differ in
+shape and position), and the conv autoencoder's bottleneck; raw pixels and BRIEF are the non-learned
+baselines.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from refssl import baselines
 from refssl import eval as ev
 
 from . import common
-from .exp_01_autoencoder import train_autoencoder
+from .exp_01_autoencoder import autoencoder_setting, train_autoencoder
+from .exp_02_augmentation_families import family_encoders, family_setting
 from .framework import Outcome, experiment, markdown_table
 
 __all__ = ["run"]
@@ -48,41 +51,39 @@ def _bar_figure(ctx, scores, ks, filename):
 
 @experiment(
     "invariance", order=9,
-    title="Invariance scores (firing rates) of trained encoders vs pixels and BRIEF",
+    title="Invariance scores (firing rates) of trained conv encoders vs pixels and BRIEF",
     question="Along trajectories that vary only colour, only shape or only position, how invariant are the "
-             "units of InfoNCE encoders trained with families A and C, of an autoencoder, and of raw pixels "
-             "and BRIEF?",
-    expected="Scores are the top-10 invariance (Purushwalkam & Gupta; 100 = fully invariant units). The "
-             "family-A encoder (trained to ignore colour) is more colour-invariant than the family-C encoder "
-             "(by >= 5 points); the family-C encoder (trained to ignore shape and position) is more shape- and "
-             "position-invariant than the A encoder (by >= 5 points each). Pixels are not invariant: for each "
-             "factor their score is below that of the encoder trained to ignore it (A for colour, C for shape "
-             "and position).",
+             "units of InfoNCE conv encoders trained with families A and C, of a conv autoencoder, and of raw "
+             "pixels and BRIEF?",
+    expected="Scores are the top-10 invariance (Purushwalkam & Gupta; 100 = fully invariant units) of the "
+             "encoders' outputs. The family-A conv encoder (trained to ignore colour) is more colour-invariant "
+             "than the family-C encoder (by >= 5 points); the family-C encoder (trained to ignore shape and "
+             "position) is more shape- and position-invariant than the A encoder (by >= 5 points each). Pixels "
+             "are not invariant: for each factor their score is below that of the encoder trained to ignore it "
+             "(A for colour, C for shape and position).",
 )
 def run(ctx):
     import matplotlib
 
     matplotlib.use("Agg")
-    size = ctx.pick(tiny=16, quick=16, full=32)
-    n_train = ctx.pick(tiny=256, quick=2000, full=6000)
-    n_val = ctx.pick(tiny=128, quick=500, full=1500)
-    steps = ctx.pick(tiny=2, quick=150, full=1000)
-    ae_steps = ctx.pick(tiny=2, quick=200, full=1000)
-    batch = ctx.pick(tiny=64, quick=256, full=256)
+    fs, ae_st = family_setting(ctx), autoencoder_setting(ctx)
+    size = fs["image_size"]
     n_inst = ctx.pick(tiny=32, quick=200, full=500)
     ks = (10, 25)
     target = "shape"  # the classes are the targets Y when there are classes (official code)
-    ctx.setting(contrastive="info_nce (tau 0.2), MLP 256-64 (BN)", steps=steps, ae_steps=ae_steps,
-                batch_size=batch, trajectory_instances=n_inst, targets=target, brief_bits=256,
-                thresholds="validation split")
-    ds = common.dataset(ctx, n_train, n_val, size=size)
+    ctx.setting(contrastive=f"info_nce (tau {fs['temperature']}), {fs['steps']} steps, batch {fs['batch_size']}: "
+                            "the encoders of experiment augmentation_families",
+                encoder=common.conv_encoder_text(size, fs["channels"], fs["out_dim"]),
+                autoencoder=f"the conv autoencoder of experiment autoencoder ({ae_st['steps']} steps), bottleneck "
+                            f"{ae_st['latent']}",
+                trajectory_instances=n_inst, targets=target, brief_bits=256, thresholds="validation split")
+    if (ae_st["image_size"], ae_st["n_train"], ae_st["n_val"]) != (size, fs["n_train"], fs["n_val"]):
+        raise RuntimeError("experiments 1 and 2 must share the dataset for experiment 9 to score their encoders")
+    ds = common.dataset(ctx, fs["n_train"], fs["n_val"], size=size)
 
-    encoders = {}
-    for i, fam in enumerate(("A", "C")):
-        tr = common.train_on_family(ctx, ds, fam, steps=steps, batch_size=batch, lr=2e-3,
-                                    loss_kwargs={"temperature": 0.2}, seed_offset=10 + i)
-        encoders[f"InfoNCE-{fam}"] = tr.encode
-    ae = train_autoencoder(ctx, ds, steps=ae_steps, seed_offset=12)
+    encoders = {f"InfoNCE-{fam}": tr.encode for fam, tr in family_encoders(ctx, ds, ("A", "C")).items()}
+    ae = train_autoencoder(ctx, ds, steps=ae_st["steps"], channels=ae_st["channels"], latent=ae_st["latent"],
+                           batch_size=ae_st["batch_size"], lr=ae_st["lr"])
     encoders["autoencoder"] = ae.encode
     encoders["raw pixels"] = baselines.raw_pixels
     pairs = baselines.brief_pairs(size, np.random.default_rng(ctx.seed + 3), n_bits=256)
