@@ -58,3 +58,15 @@ def test_conditional_gaussian_hits_the_perplexity():
         row = [v for j, v in enumerate(p[i]) if j != i and v > 0]
         entropy = -sum(v * math.log(v) for v in row)
         assert math.exp(entropy) == pytest.approx(8.0, rel=1e-3)
+
+
+def test_circle_direction_association():
+    """Experiment 3's angle-vs-object-direction score: 1 for a rotated or mirrored direction, small for noise."""
+    from toy_experiments.exp_03_circle_embedding import direction_association
+
+    rng = np.random.default_rng(0)
+    pos = 0.5 + 0.3 * rng.uniform(-1, 1, (400, 2))
+    phi = np.array([math.atan2(y - 0.5, x - 0.5) for x, y in pos])  # the direction, computed point by point
+    assert direction_association(phi + 1.3, pos) == pytest.approx(1.0)
+    assert direction_association(-phi + 0.4, pos) == pytest.approx(1.0)
+    assert direction_association(rng.uniform(-math.pi, math.pi, 400), pos) < 0.15
