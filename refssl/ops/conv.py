@@ -10,7 +10,8 @@ returns db as its last row.  The column matrix is built in blocks of whole image
 malloc recycles between steps instead of mapping fresh pages), gathered on the worker threads.
 With few input channels (KW*C < 16: the RGB input layer) the channels-last windows would be copied in
 runs too short to be efficient, and the transposed column matrix is gathered channel-major instead
-(``_conv2d_cm_forward``: runs of whole image rows; output (F, N, Ho, Wo) memory).
+(``_conv2d_cm_forward``: runs of whole image rows); the GEMM reads it transposed, so its output is
+channels-last as well.
 
 The input gradient of a stride-1 convolution (every convolution of the CNN encoder) avoids col2im with the
 *shifted-rows* formulation: store the upstream gradient zero-padded and flattened, row r = output pixel
@@ -216,7 +217,8 @@ def _conv2d_cm_forward(x, w, b, stride, padding, ho, wo):
     """Channel-major im2col, for few input channels (the RGB input layer), where channels-last windows
     would be copied in runs of only KW*C numbers.  The padded input is stored (C, N, Hp, Wp), and the
     transposed column matrix (KH*KW*C [+1], N*Ho*Wo) is gathered plane by plane in runs of whole image
-    rows; out^T = W_mat @ cols^T is then (F, N, Ho, Wo), returned as an (N, F, Ho, Wo) view."""
+    rows; out = cols @ W_mat^T, with BLAS reading the blocks transposed, is the channels-last
+    (N*Ho*Wo, F) matrix, returned as an (N, F, Ho, Wo) view."""
     n, c, h, wd = x.shape
     f, _, kh, kw = w.shape
     k = kh * kw * c
@@ -244,11 +246,13 @@ def _conv2d_cm_forward(x, w, b, stride, padding, ho, wo):
     wmat[:, :k] = w.transpose(0, 2, 3, 1).reshape(f, k)
     if b is not None:
         wmat[:, k] = b
-    out = np.empty((f, n * ho * wo), dtype=x.dtype)
+    # out = cols @ wmat^T with cols read transposed from the channel-major blocks: the result is the
+    # channels-last (N*Ho*Wo, F) matrix, the layout of every other convolution's output.
+    out = np.empty((n * ho * wo, f), dtype=x.dtype)
     m = ho * wo
     for (s, e), blk in zip(blocks, cols):
-        np.matmul(wmat, blk, out=out[:, s * m:e * m])
-    y = out.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)
+        _gemm_into(out[s * m:e * m], blk.T, wmat.T, 0.0)
+    y = out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2)
     return y, ("channel-major", (blocks, cols), w, x.shape, stride, padding, b is not None)
 
 
@@ -261,17 +265,17 @@ def _conv2d_cm_grads(cache, grad_out, need_dx):
     k = kh * kw * c
     ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
     g = upstream(grad_out, (n, f, ho, wo), w.dtype)
-    gt = g.transpose(1, 0, 2, 3).reshape(f, n * ho * wo)  # a view when g has the layout of the output
+    gmat = _channels_last_rows(g)  # a view when g has the layout of the output
     m = ho * wo
-    dwm = np.zeros((f, k + has_b), dtype=w.dtype)
-    for (s, e), blk in zip(blocks, cols):
-        dwm += gt[:, s * m:e * m] @ blk.T
-    dw = np.ascontiguousarray(dwm[:, :k].reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
-    db = dwm[:, k].copy() if has_b else None
+    dwm = np.empty((k + has_b, f), dtype=w.dtype)  # the row of ones of the columns gives db as last row
+    for i, ((s, e), blk) in enumerate(zip(blocks, cols)):
+        _gemm_into(dwm, blk, gmat[s * m:e * m], 0.0 if i == 0 else 1.0)
+    dw = np.ascontiguousarray(dwm[:k].reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
+    db = dwm[k].copy() if has_b else None
     if not need_dx:
         return None, dw, db
     wmat = w.transpose(2, 3, 1, 0).reshape(k, f)  # rows in the (p, q, c) order
-    dcols = (wmat @ gt).reshape(kh, kw, c, n, ho, wo)
+    dcols = (wmat @ gmat.T).reshape(kh, kw, c, n, ho, wo)
     dxp = np.zeros((c, n, h + 2 * padding, wd + 2 * padding), dtype=w.dtype)
     for p, q, plane in _cm_planes(dxp, kh, kw, stride, ho, wo):
         plane += dcols[p, q]
@@ -304,8 +308,8 @@ def conv2d_forward(x, w, b, *, stride=1, padding=0):
 
 def conv2d_forward_strided(x, w, b, *, stride=1, padding=0):
     """:func:`conv2d_forward` without the final copy to a C-contiguous array: ``out`` (and the backward's
-    ``dx``) is an (N, F, Ho, Wo) view of the GEMM result, with channels-last strides (channel-major ones
-    on the few-channel path).  Same values, same cache protocol (:func:`conv2d_backward`,
+    ``dx``) is an (N, F, Ho, Wo) view of the GEMM result, with channels-last strides (``dx`` has
+    channel-major ones on the few-channel path).  Same values, same cache protocol (:func:`conv2d_backward`,
     :func:`conv2d_param_grads`).
 
     This is what :class:`refssl.nn.Conv2d` calls: the next layers (ReLU, pooling, batch norm, ...) accept
