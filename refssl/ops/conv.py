@@ -2,15 +2,16 @@
 
 Both ops take NCHW tensors at their interface but work internally in NHWC (channels-last), where every
 im2col row is a run of contiguous channel vectors: the window gather is a strided view (``as_strided``,
-no copy) that one ``reshape`` turns into the column matrix, and the forward is a single GEMM whose
-(N*Ho*Wo, F) result *is* the output in channels-last memory.  The column matrix is kept in the cache and
-reused for the weight gradient (one more GEMM).  A bias rides along as a column of ones in the column
-matrix (and the bias as the matching weight column), so the GEMM adds it and the weight-gradient GEMM
-returns db as its last row.  The column matrix is built in blocks of whole images (< 8 MB each, which
-malloc recycles between steps instead of mapping fresh pages), gathered on the worker threads.
+no copy) that one ``reshape`` turns into the column matrix, and the forward GEMM's (N*Ho*Wo, F) result
+*is* the output in channels-last memory.  A bias rides along as a column of ones in the column matrix (and
+the bias as the matching weight column), so the GEMM adds it and the weight-gradient GEMM returns db as
+its last row.  The column matrix is never built whole: blocks of whole images (about 1 MB of columns,
+``_Columns``) are gathered into one reused buffer and multiplied while they are in cache, and the backward
+gathers them again from the padded input it keeps (a copy within the cache is cheaper than writing tens of
+MB to memory and reading them back).
 With few input channels (KW*C < 16: the RGB input layer) the channels-last windows would be copied in
 runs too short to be efficient, and the transposed column matrix is gathered channel-major instead
-(``_conv2d_cm_forward``: runs of whole image rows); the GEMM reads it transposed, so its output is
+(``_PlaneColumns``: runs of whole image rows); the GEMM reads it transposed, so its output is
 channels-last as well.
 
 The input gradient of a stride-1 convolution (every convolution of the CNN encoder) avoids col2im with the
@@ -21,8 +22,10 @@ Output pixel r reads padded input pixels r + p*Wp + q, so the padded input gradi
     dxp[r + p*Wp + q] += g[r] @ W[p, q]^T          for every kernel offset (p, q),
 
 KH*KW GEMMs on row-shifted views of two matrices, accumulated in place by BLAS (beta = 1, through
-``scipy.linalg.blas``: numpy's matmul cannot accumulate).  Other strides use col2im: a loop over the
-KH*KW kernel offsets -- never over samples or pixels -- each a strided slice-add.
+``scipy.linalg.blas``: numpy's matmul cannot accumulate), one block of images at a time (the shifts never
+cross from one image to the next), right after the block's weight-gradient GEMM (``_ShiftedRowsDx``).
+Other strides use col2im: a loop over the KH*KW kernel offsets -- never over samples or pixels -- each a
+strided slice-add.
 """
 
 from __future__ import annotations
@@ -84,7 +87,9 @@ def _check_conv_hyper(stride, padding):
 
 
 _GEMM = {np.dtype(np.float32): _blas.sgemm, np.dtype(np.float64): _blas.dgemm}
-_COLS_BLOCK_BYTES = 8 << 20
+# Bytes of column matrix per block of images: a block is gathered, multiplied and dropped while it is in
+# the (L2) cache, so the full column matrix (tens of MB) never goes through memory.
+_BLOCK_BYTES = 1 << 20
 # Below this many numbers per window row (KW*C) the channels-last gather copies runs too short to be
 # efficient and the channel-major layout (runs of whole image rows) is used instead.
 _MIN_CHANNELS_LAST_RUN = 16
@@ -111,37 +116,22 @@ def _gemm_into(c, a, b, beta):
         c[...] = r.T
 
 
-def _conv2d_s1_dx(gm, w, xshape, padding):
-    """Input gradient of a stride-1 convolution by the shifted-rows formulation (module docstring).
+def _image_blocks(n, bytes_per_image):
+    """(images per block, [(start, stop), ...]): consecutive blocks of whole images of about _BLOCK_BYTES."""
+    per = max(1, min(n, _BLOCK_BYTES // max(1, bytes_per_image)))
+    return per, [(s, min(s + per, n)) for s in range(0, n, per)]
 
-    gm: the upstream gradient as an (N*Ho*Wo, F) matrix (channels-last).  Returns an (N, C, H, W) view
-    with channels-last strides into the padded gradient (no copy out of the padded layout)."""
-    n, c, h, wd = xshape
-    f, _, kh, kw = w.shape
-    hp, wp = h + 2 * padding, wd + 2 * padding
-    ho, wo = hp - kh + 1, wp - kw + 1
-    rows = n * hp * wp
-    # Rows >= valid belong to windows that would run past the last padded row; every output pixel
-    # (n, i < Ho, j < Wo) sits below it.
-    valid = rows - (kh - 1) * wp - (kw - 1)
-    gf = np.empty((rows, f), dtype=gm.dtype)
-    g4, gs = gf.reshape(n, hp, wp, f), gm.reshape(n, ho, wo, f)
-    dxp = np.empty((rows, c), dtype=gm.dtype)
 
-    def prepare(s, e):
-        g4[s:e, :ho, :wo, :] = gs[s:e]
-        g4[s:e, ho:] = 0
-        g4[s:e, :ho, wo:] = 0
-        dxp[s * hp * wp:e * hp * wp] = 0
-
-    map_batch_split(prepare, n, gf.size)
-    gv = gf[:valid]
-    wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # wt[p, q] = W[p, q]^T, (F, C)
-    for p in range(kh):
-        for q in range(kw):
-            s = p * wp + q
-            _gemm_into(dxp[s:s + valid], gv, wt[p, q], 1.0)
-    return dxp.reshape(n, hp, wp, c)[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
+def _weight_matrix(w, b):
+    """(F, KH*KW*C [+1]): the filters with columns in the (p, q, c) order of a column-matrix row, and the
+    bias as the last column when there is one (the column matrix then ends in a column of ones)."""
+    f, c, kh, kw = w.shape
+    k = kh * kw * c
+    wmat = np.empty((f, k + (b is not None)), dtype=w.dtype)
+    wmat[:, :k] = w.transpose(0, 2, 3, 1).reshape(f, k)
+    if b is not None:
+        wmat[:, k] = b
+    return wmat
 
 
 def _channels_last_rows(a):
@@ -149,6 +139,95 @@ def _channels_last_rows(a):
     strides (the output of this module's ops and of the layers after them), else one copy."""
     n, c, h, w = a.shape
     return a.transpose(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+class _Columns:
+    """The column matrix of a channels-last convolution, one block of images at a time.
+
+    ``rows(s, e)`` gathers the (rows of) images s:e from the window view of the padded NHWC input into a
+    reused buffer (a ones column at the end when the layer has a bias) and returns them as an
+    ((e - s)*Ho*Wo, KH*KW*C [+1]) C-contiguous matrix, valid until the next call.
+    """
+
+    def __init__(self, xp, kh, kw, stride, ho, wo, has_b):
+        self.win = _windows(xp, kh, kw, stride, ho, wo)
+        self.k = kh * kw * xp.shape[3]
+        width = self.k + has_b
+        self.per, self.blocks = _image_blocks(xp.shape[0], ho * wo * width * xp.itemsize)
+        self.buf = np.empty((self.per * ho * wo, width), dtype=xp.dtype)
+        if has_b:
+            self.buf[:, self.k] = 1
+
+    def rows(self, s, e):
+        _, ho, wo, kh, kw, c = self.win.shape
+        blk = self.buf[:(e - s) * ho * wo]
+        blk[:, :self.k].reshape(e - s, ho, wo, kh, kw, c)[...] = self.win[s:e]
+        return blk
+
+
+class _PlaneColumns:
+    """The transposed column matrix of a channel-major convolution (few input channels), blockwise.
+
+    ``rows(s, e)`` returns the (KH*KW*C [+1], (e - s)*Ho*Wo) C-contiguous matrix of images s:e, gathered
+    plane by plane (runs of whole image rows) from the padded (C, N, Hp, Wp) input into a reused buffer.
+    """
+
+    def __init__(self, xp, kh, kw, stride, ho, wo, has_b):
+        self.planes = _cm_planes(xp, kh, kw, stride, ho, wo)
+        self.shape = (kh, kw, xp.shape[0], ho, wo)
+        self.k, self.has_b = kh * kw * xp.shape[0], has_b
+        per_image = (self.k + has_b) * ho * wo
+        self.per, self.blocks = _image_blocks(xp.shape[1], per_image * xp.itemsize)
+        self.buf = np.empty(self.per * per_image, dtype=xp.dtype)
+
+    def rows(self, s, e):
+        kh, kw, c, ho, wo = self.shape
+        m = (e - s) * ho * wo
+        blk = self.buf[:(self.k + self.has_b) * m].reshape(-1, m)
+        b6 = blk[:self.k].reshape(kh, kw, c, e - s, ho, wo)
+        for p, q, plane in self.planes:
+            b6[p, q] = plane[:, s:e]
+        if self.has_b:
+            blk[self.k] = 1
+        return blk
+
+
+class _ShiftedRowsDx:
+    """Input gradient of a stride-1 convolution by the shifted-rows formulation (module docstring), one
+    block of images at a time: the block's upstream gradient is copied into the interior of a zero-padded
+    buffer, and the KH*KW accumulating GEMMs run on row-shifted views of it and of the block's rows of the
+    padded input gradient, all of which stay in cache.  ``block(s, e)`` fills images s:e; ``dx()`` is the
+    (N, C, H, W) view with channels-last strides into the padded gradient (no copy)."""
+
+    def __init__(self, gmat, w, xshape, padding, per):
+        n, c, h, wd = xshape
+        f, _, kh, kw = w.shape
+        self.hp, self.wp = h + 2 * padding, wd + 2 * padding
+        self.ho, self.wo = self.hp - kh + 1, self.wp - kw + 1
+        self.kh, self.kw, self.padding, self.xshape = kh, kw, padding, xshape
+        self.gs = gmat.reshape(n, self.ho, self.wo, f)
+        self.wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # wt[p, q] = W[p, q]^T, (F, C)
+        self.gbuf = np.zeros((per, self.hp, self.wp, f), dtype=gmat.dtype)  # the border stays zero
+        self.dxp = np.empty((n * self.hp * self.wp, c), dtype=gmat.dtype)
+
+    def block(self, s, e):
+        img, wp = self.hp * self.wp, self.wp
+        self.gbuf[:e - s, :self.ho, :self.wo] = self.gs[s:e]
+        gv = self.gbuf.reshape(-1, self.gbuf.shape[-1])
+        # Rows >= valid belong to windows that would run past the block's last padded row; every output
+        # pixel (n, i < Ho, j < Wo) sits below it.
+        valid = (e - s) * img - (self.kh - 1) * wp - (self.kw - 1)
+        d = self.dxp[s * img:e * img]
+        d[valid:] = 0  # rows the offset (0, 0) GEMM (beta = 0) does not write but the others add to
+        for p in range(self.kh):
+            for q in range(self.kw):
+                o = p * wp + q
+                _gemm_into(d[o:o + valid], gv[:valid], self.wt[p, q], 0.0 if o == 0 else 1.0)
+
+    def dx(self):
+        n, c, h, wd = self.xshape
+        pad = self.padding
+        return self.dxp.reshape(n, self.hp, self.wp, c)[:, pad:pad + h, pad:pad + wd, :].transpose(0, 3, 1, 2)
 
 
 def _conv2d(x, w, b, stride, padding):
@@ -171,115 +250,31 @@ def _conv2d(x, w, b, stride, padding):
     if b is not None:
         param(b, "b", (f,), "(F,)", x)
     ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    m = ho * wo
+    wmat = _weight_matrix(w, b)
+    out = np.empty((n * m, f), dtype=x.dtype)  # channels-last: row (n, i, j), one column per filter
     if kw * c < _MIN_CHANNELS_LAST_RUN:
-        return _conv2d_cm_forward(x, w, b, stride, padding, ho, wo)
-    xp = _nhwc_padded(x, padding)
-    win = _windows(xp, kh, kw, stride, ho, wo)
-    # The column matrix in blocks of whole images, each below _COLS_BLOCK_BYTES: allocations that size
-    # are recycled by malloc from one step to the next, while larger ones are fresh pages from the kernel
-    # every time (page faults cost as much as the copy).  The copies are split over the threads.
-    per = max(1, _COLS_BLOCK_BYTES // max(1, win[0].nbytes))
-    blocks = [(s, min(s + per, n)) for s in range(0, n, per)]
-    cols = [None] * len(blocks)
-    k = kh * kw * c
-    # With a bias, every column row ends in a 1 and the weight matrix in b: the GEMM adds the bias, and
-    # in the backward the same GEMM that gives dW gives db = sum of g as its last row.
-    width = k + (b is not None)
-
-    def gather(i0, i1):
-        for i in range(i0, i1):
-            s, e = blocks[i]
-            blk = np.empty(((e - s) * ho * wo, width), dtype=x.dtype)
-            blk[:, :k].reshape(e - s, ho, wo, kh, kw, c)[...] = win[s:e]
-            if b is not None:
-                blk[:, k] = 1
-            cols[i] = blk
-
-    map_batch_split(gather, len(blocks), win.size, min_work=1 << 20)
-    wmat = np.empty((f, width), dtype=x.dtype)  # rows: filters; columns in the order of the column matrix
-    wmat[:, :k] = w.transpose(0, 2, 3, 1).reshape(f, k)
-    if b is not None:
-        wmat[:, k] = b
-    out = np.empty((n * ho * wo, f), dtype=x.dtype)
-    for (s, e), blk in zip(blocks, cols):
-        _gemm_into(out[s * ho * wo:e * ho * wo], blk, wmat.T, 0.0)
+        # Channel-major: the padded input (C, N, Hp, Wp); BLAS reads each (K, rows) block transposed.
+        xp = np.zeros((c, n, hp, wp), dtype=x.dtype)
+        xp[:, :, padding:padding + h, padding:padding + wd] = x.transpose(1, 0, 2, 3)
+        cols, layout = _PlaneColumns(xp, kh, kw, stride, ho, wo, b is not None), "channel-major"
+        for s, e in cols.blocks:
+            _gemm_into(out[s * m:e * m], cols.rows(s, e).T, wmat.T, 0.0)
+    else:
+        xp = _nhwc_padded(x, padding)
+        cols, layout = _Columns(xp, kh, kw, stride, ho, wo, b is not None), "channels-last"
+        for s, e in cols.blocks:
+            _gemm_into(out[s * m:e * m], cols.rows(s, e), wmat.T, 0.0)
     y = out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2)
-    return y, ((blocks, cols), w, x.shape, stride, padding, b is not None)
+    # The padded input, not the column matrix, is kept: the backward gathers the columns again block by
+    # block (a copy within the cache costs less than writing the whole matrix to memory and reading it back).
+    return y, (layout, xp, w, x.shape, stride, padding, b is not None)
 
 
 def _cm_planes(a, kh, kw, stride, ho, wo):
     """The KH*KW strided (C, N, Ho, Wo) views a[:, :, p::stride, q::stride] of a channel-major array."""
     return [(p, q, a[:, :, p:p + stride * (ho - 1) + 1:stride, q:q + stride * (wo - 1) + 1:stride])
             for p in range(kh) for q in range(kw)]
-
-
-def _conv2d_cm_forward(x, w, b, stride, padding, ho, wo):
-    """Channel-major im2col, for few input channels (the RGB input layer), where channels-last windows
-    would be copied in runs of only KW*C numbers.  The padded input is stored (C, N, Hp, Wp), and the
-    transposed column matrix (KH*KW*C [+1], N*Ho*Wo) is gathered plane by plane in runs of whole image
-    rows; out = cols @ W_mat^T, with BLAS reading the blocks transposed, is the channels-last
-    (N*Ho*Wo, F) matrix, returned as an (N, F, Ho, Wo) view."""
-    n, c, h, wd = x.shape
-    f, _, kh, kw = w.shape
-    k = kh * kw * c
-    width = k + (b is not None)  # a row of ones: the GEMM adds the bias and the dW GEMM gives db
-    xp = np.zeros((c, n, h + 2 * padding, wd + 2 * padding), dtype=x.dtype)
-    xp[:, :, padding:padding + h, padding:padding + wd] = x.transpose(1, 0, 2, 3)
-    planes = _cm_planes(xp, kh, kw, stride, ho, wo)
-    per = max(1, _COLS_BLOCK_BYTES // max(1, width * ho * wo * x.itemsize))
-    blocks = [(s, min(s + per, n)) for s in range(0, n, per)]
-    cols = [None] * len(blocks)
-
-    def gather(i0, i1):
-        for i in range(i0, i1):
-            s, e = blocks[i]
-            blk = np.empty((width, e - s, ho, wo), dtype=x.dtype)
-            b6 = blk[:k].reshape(kh, kw, c, e - s, ho, wo)
-            for p, q, plane in planes:
-                b6[p, q] = plane[:, s:e]
-            if b is not None:
-                blk[k] = 1
-            cols[i] = blk.reshape(width, -1)
-
-    map_batch_split(gather, len(blocks), n * width * ho * wo, min_work=1 << 20)
-    wmat = np.empty((f, width), dtype=x.dtype)  # columns in the (p, q, c) order of the column rows
-    wmat[:, :k] = w.transpose(0, 2, 3, 1).reshape(f, k)
-    if b is not None:
-        wmat[:, k] = b
-    # out = cols @ wmat^T with cols read transposed from the channel-major blocks: the result is the
-    # channels-last (N*Ho*Wo, F) matrix, the layout of every other convolution's output.
-    out = np.empty((n * ho * wo, f), dtype=x.dtype)
-    m = ho * wo
-    for (s, e), blk in zip(blocks, cols):
-        _gemm_into(out[s * m:e * m], blk.T, wmat.T, 0.0)
-    y = out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2)
-    return y, ("channel-major", (blocks, cols), w, x.shape, stride, padding, b is not None)
-
-
-def _conv2d_cm_grads(cache, grad_out, need_dx):
-    """Backward of :func:`_conv2d_cm_forward`: dW (and db) = g^T cols blockwise; dx by a channel-major
-    col2im (plane-wise slice-adds)."""
-    (blocks, cols), w, xshape, stride, padding, has_b = cache
-    n, c, h, wd = xshape
-    f, _, kh, kw = w.shape
-    k = kh * kw * c
-    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
-    g = upstream(grad_out, (n, f, ho, wo), w.dtype)
-    gmat = _channels_last_rows(g)  # a view when g has the layout of the output
-    m = ho * wo
-    dwm = np.empty((k + has_b, f), dtype=w.dtype)  # the row of ones of the columns gives db as last row
-    for i, ((s, e), blk) in enumerate(zip(blocks, cols)):
-        _gemm_into(dwm, blk, gmat[s * m:e * m], 0.0 if i == 0 else 1.0)
-    dw = np.ascontiguousarray(dwm[:k].reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
-    db = dwm[k].copy() if has_b else None
-    if not need_dx:
-        return None, dw, db
-    wmat = w.transpose(2, 3, 1, 0).reshape(k, f)  # rows in the (p, q, c) order
-    dcols = (wmat @ gmat.T).reshape(kh, kw, c, n, ho, wo)
-    dxp = np.zeros((c, n, h + 2 * padding, wd + 2 * padding), dtype=w.dtype)
-    for p, q, plane in _cm_planes(dxp, kh, kw, stride, ho, wo):
-        plane += dcols[p, q]
-    return dxp[:, :, padding:padding + h, padding:padding + wd].transpose(1, 0, 2, 3), dw, db
 
 
 def conv2d_forward(x, w, b, *, stride=1, padding=0):
@@ -293,10 +288,10 @@ def conv2d_forward(x, w, b, *, stride=1, padding=0):
     (dilation 1, groups 1, zero padding).  out and the backward's dx are C-contiguous NCHW arrays
     (:func:`conv2d_forward_strided` skips that final copy).
 
-    Computed by im2col: an (N*Ho*Wo, KH*KW*C) column matrix (strided view + one copy) times the
-    reshaped weights, a single GEMM; the columns are reused for the weight gradient (one GEMM).  The input
-    gradient: KH*KW accumulated GEMMs on row-shifted views for stride 1, col2im otherwise (module
-    docstring).
+    Computed by im2col: the (N*Ho*Wo, KH*KW*C) column matrix (strided view + one copy) times the reshaped
+    weights, in blocks of images that stay in cache; the backward gathers the blocks again for the weight
+    gradient.  The input gradient: KH*KW accumulated GEMMs on row-shifted views for stride 1, col2im
+    otherwise (module docstring).
 
     Reference: LeCun et al. 1998 (Proc. IEEE), "Gradient-based learning applied to document recognition";
     Chellapilla, Puri & Simard 2006 (im2col); PyTorch torch/nn/modules/conv.py.
@@ -335,25 +330,38 @@ def conv2d_param_grads(cache, grad_out):
 
 
 def _conv2d_grads(cache, grad_out, need_dx):
-    if cache[0] == "channel-major":
-        dx, dw, db = _conv2d_cm_grads(cache[1:-1], grad_out, need_dx)
-        return (np.ascontiguousarray(dx) if cache[-1] and dx is not None else dx), dw, db
-    (blocks, cols), w, xshape, stride, padding, has_b, contiguous = cache
+    layout, xp, w, xshape, stride, padding, has_b, contiguous = cache
     n, c, h, wd = xshape
     f, _, kh, kw = w.shape
     ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    m, k = ho * wo, kh * kw * c
     g = upstream(grad_out, (n, f, ho, wo), w.dtype)
     gmat = _channels_last_rows(g)
-    k = kh * kw * c
+    channel_major = layout == "channel-major"
+    cols = (_PlaneColumns if channel_major else _Columns)(xp, kh, kw, stride, ho, wo, has_b)
+    # Stride 1 (channels-last): the input gradient of each block right after its weight-gradient GEMM,
+    # while the block's upstream gradient is in cache.
+    shifted = _ShiftedRowsDx(gmat, w, xshape, padding, cols.per) if need_dx and stride == 1 and \
+        not channel_major else None
     dwm = np.empty((k + has_b, f), dtype=w.dtype)  # the ones column of the columns gives db as last row
-    for i, ((s, e), blk) in enumerate(zip(blocks, cols)):
-        _gemm_into(dwm, blk.T, gmat[s * ho * wo:e * ho * wo], 0.0 if i == 0 else 1.0)
+    for i, (s, e) in enumerate(cols.blocks):
+        blk = cols.rows(s, e)
+        _gemm_into(dwm, blk if channel_major else blk.T, gmat[s * m:e * m], 0.0 if i == 0 else 1.0)
+        if shifted is not None:
+            shifted.block(s, e)
     dw = np.ascontiguousarray(dwm[:k].reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
     db = dwm[k].copy() if has_b else None
     if not need_dx:
         return None, dw, db
-    if stride == 1:
-        dx = _conv2d_s1_dx(gmat, w, xshape, padding)
+    if shifted is not None:
+        dx = shifted.dx()
+    elif channel_major:
+        wm = w.transpose(2, 3, 1, 0).reshape(k, f)  # rows in the (p, q, c) order
+        dcols = (wm @ gmat.T).reshape(kh, kw, c, n, ho, wo)
+        dxp = np.zeros((c, n, h + 2 * padding, wd + 2 * padding), dtype=w.dtype)
+        for p, q, plane in _cm_planes(dxp, kh, kw, stride, ho, wo):
+            plane += dcols[p, q]
+        dx = dxp[:, :, padding:padding + h, padding:padding + wd].transpose(1, 0, 2, 3)
     else:
         # d cols = gmat @ wmat, computed per kernel offset so that col2im reads contiguous blocks.
         w_offsets = w.transpose(2, 3, 0, 1).reshape(kh * kw, f, c)  # (KH*KW, F, C)
