@@ -118,12 +118,13 @@ def test_conv2d_backward_takes_any_layout_and_first_layer_grads_agree(case):
     np.testing.assert_allclose(cdx, dx, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("images_per_block", [1, 2])
+@pytest.mark.parametrize("images_per_block, direct_mnk", [(1, 1), (2, 1), (2, 10 ** 6)])
 @pytest.mark.parametrize("case", CASES)
-def test_conv2d_blocks_of_images_match_one_block(case, images_per_block, monkeypatch):
+def test_conv2d_blocks_of_images_match_one_block(case, images_per_block, direct_mnk, monkeypatch):
     # The column matrix is gathered, multiplied and (in the backward) gathered again in blocks of whole
-    # images, and the stride-1 input gradient is computed per block.  Tiny test inputs fit in one block:
-    # shrink the block so that 5 images make several, the last one partial (2 + 2 + 1).
+    # images, each GEMM cut into pieces of at least 16 rows (fewer when the direct-kernel size allows), and
+    # the stride-1 input gradient is computed per block of images.  Tiny test inputs fit in one block and
+    # one piece: shrink both so that 5 images make several blocks (2 + 2 + 1) and pieces.
     n, c, h, wd, f, kh, kw, s, p, bias = case
     rng = np.random.default_rng(sum(case) + 3)
     x, w, b, s, p = _layer((5,) + case[1:], rng)
@@ -131,21 +132,21 @@ def test_conv2d_blocks_of_images_match_one_block(case, images_per_block, monkeyp
     g = rng.standard_normal(out.shape)
     want = conv.conv2d_backward(cache, g)
     ho, wo = out.shape[2:]
-    monkeypatch.setattr(conv, "_BLOCK_BYTES", images_per_block * ho * wo * (kh * kw * c + bias) * 8)
+    per_image = ho * wo * (kh * kw * c + bias) * 8
+    monkeypatch.setattr(conv, "_BLOCK_BYTES", images_per_block * per_image)
+    monkeypatch.setattr(conv, "_DIRECT_GEMM_MNK", direct_mnk)
+    assert conv._image_blocks(5, per_image)[0] == images_per_block
     bout, bcache = conv.conv2d_forward_strided(x, w, b, stride=s, padding=p)
-    assert len(bcache[1].shape) == 4 and conv._image_blocks(5, ho * wo * (kh * kw * c + bias) * 8)[0] == \
-        images_per_block
     np.testing.assert_allclose(bout, conv_reference(x, w, b, s, p), rtol=1e-12, atol=1e-12)
     for got, ref in zip(conv.conv2d_backward(bcache, g), want):
         if ref is not None:
             np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
     pdw, pdb = conv.conv2d_param_grads(bcache, g)
     np.testing.assert_allclose(pdw, want[1], rtol=1e-12, atol=1e-12)
-    # The input gradient against the adjoint identity <conv(x), g> = <x, dx> + <b, db> (no bias term
-    # for dx): dx from the blocked path, checked independently of the one-block result.
+    # dx of the blocked path against the adjoint identity <conv(x; w, no bias), g> = <x, dx>, independently
+    # of the one-block result.
     dx = conv.conv2d_backward(bcache, g)[0]
-    lin = conv_reference(x, w, None, s, p)
-    np.testing.assert_allclose(np.sum(lin * g), np.sum(x * dx), rtol=1e-10)
+    np.testing.assert_allclose(np.sum(conv_reference(x, w, None, s, p) * g), np.sum(x * dx), rtol=1e-10)
 
 
 def test_conv2d_float32_paths_and_empty_kernel_errors():

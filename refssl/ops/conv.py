@@ -87,33 +87,57 @@ def _check_conv_hyper(stride, padding):
 
 
 _GEMM = {np.dtype(np.float32): _blas.sgemm, np.dtype(np.float64): _blas.dgemm}
-# Bytes of column matrix per block of images: a block is gathered, multiplied and dropped while it is in
-# the (L2) cache, so the full column matrix (tens of MB) never goes through memory.
+# OpenBLAS (the BLAS numpy and scipy ship) computes a product with M*N*K <= 1e6 by a direct kernel that
+# neither packs the operands nor wakes its threads; larger ones are packed and split over the threads.  The
+# products of a small CNN are narrow (16..64 filters), and for them the direct kernel, one call after the
+# other, is faster than the packed threaded one (about 1.5x for the CNN encoder's layers on 2 cores), so
+# the loops below cut their GEMMs to that size.  Any other BLAS just sees smaller blocks.
+_DIRECT_GEMM_MNK = 1_000_000
+# Bytes of column matrix per block of images: a block is gathered and multiplied (in direct-kernel
+# pieces) while it is in the (L2) cache, so the full column matrix (tens of MB) never goes through memory.
 _BLOCK_BYTES = 1 << 20
 # Below this many numbers per window row (KW*C) the channels-last gather copies runs too short to be
 # efficient and the channel-major layout (runs of whole image rows) is used instead.
 _MIN_CHANNELS_LAST_RUN = 16
 
 
-def _blas_operand(m):
-    """(array, trans) such that BLAS (column-major) reads ``m^T`` from it without a copy."""
-    if m.flags.f_contiguous and not m.flags.c_contiguous:
-        return m, 1  # m^T is C-ordered, i.e. m itself seen column-major and transposed
-    return m.T, 0
+def _direct_rows(*fixed):
+    """Rows per GEMM call such that rows * prod(fixed) stays within the direct kernel's size (at least 16)."""
+    return max(16, _DIRECT_GEMM_MNK // max(1, int(np.prod(fixed))))
 
 
-def _gemm_into(c, a, b, beta):
-    """c <- a @ b + beta * c in place; c is C-contiguous (e.g. a block of rows of a C-contiguous matrix).
+# The three GEMM shapes below are written for C-contiguous arguments, whose transposes are the
+# Fortran-ordered operands BLAS reads without a copy; BLAS is column-major, so c = a @ b is asked for as
+# c^T = b^T a^T.  f2py returns c^T itself when it could work in place (always, for these arguments), else
+# a new array, which is then written back.  With beta = 0 the old content of c is never read.
 
-    BLAS is column-major, so it is asked for c^T = b^T a^T: the transposes of C-ordered arrays are
-    Fortran-ordered views, and an operand given as the transpose of a C-ordered array is passed with the
-    transpose flag instead, so nothing is copied.  With beta = 0 the old content of c is never read (BLAS
-    contract), so c may be uninitialised.
-    """
-    (bt, tb), (at, ta) = _blas_operand(b), _blas_operand(a)
-    r = _GEMM[c.dtype](1.0, bt, at, beta=beta, c=c.T, trans_a=tb, trans_b=ta, overwrite_c=True)
-    if r.ctypes.data != c.ctypes.data:  # f2py had to work on a copy of c: write the result back
-        c[...] = r.T
+def _gemm_rows(c, a, b, rows):
+    """c <- a @ b for C-contiguous c (M, N), a (M, K), b (K, N), ``rows`` rows of c per BLAS call."""
+    gemm, bt = _GEMM[c.dtype], b.T
+    for s in range(0, len(c), rows):
+        ct = c[s:s + rows].T
+        r = gemm(1.0, bt, a[s:s + rows].T, beta=0.0, c=ct, overwrite_c=True)
+        if r is not ct:
+            ct[...] = r
+
+
+def _gemm_sum_rows(c, a, b, beta, rows):
+    """c <- a^T @ b + beta * c for C-contiguous c (K, N), a (M, K), b (M, N): the sum over the M rows,
+    ``rows`` of them per BLAS call (c^T = b^T a, a passed as a^T with the transpose flag)."""
+    gemm, ct = _GEMM[c.dtype], c.T
+    for s in range(0, len(a), rows):
+        r = gemm(1.0, b[s:s + rows].T, a[s:s + rows].T, beta=beta, c=ct, trans_b=1, overwrite_c=True)
+        if r is not ct:
+            ct[...] = r
+        beta = 1.0
+
+
+def _gemm_acc(c, a, b, beta):
+    """c <- a @ b + beta * c, one BLAS call, for C-contiguous c (M, N), a (M, K), b (K, N)."""
+    ct = c.T
+    r = _GEMM[c.dtype](1.0, b.T, a.T, beta=beta, c=ct, overwrite_c=True)
+    if r is not ct:
+        ct[...] = r
 
 
 def _image_blocks(n, bytes_per_image):
@@ -123,14 +147,14 @@ def _image_blocks(n, bytes_per_image):
 
 
 def _weight_matrix(w, b):
-    """(F, KH*KW*C [+1]): the filters with columns in the (p, q, c) order of a column-matrix row, and the
-    bias as the last column when there is one (the column matrix then ends in a column of ones)."""
+    """(KH*KW*C [+1], F): the filters as columns, rows in the (p, q, c) order of a column-matrix row, and
+    the bias as the last row when there is one (the column matrix then ends in a column of ones)."""
     f, c, kh, kw = w.shape
     k = kh * kw * c
-    wmat = np.empty((f, k + (b is not None)), dtype=w.dtype)
-    wmat[:, :k] = w.transpose(0, 2, 3, 1).reshape(f, k)
+    wmat = np.empty((k + (b is not None), f), dtype=w.dtype)
+    wmat[:k] = w.transpose(2, 3, 1, 0).reshape(k, f)
     if b is not None:
-        wmat[:, k] = b
+        wmat[k] = b
     return wmat
 
 
@@ -152,9 +176,9 @@ class _Columns:
     def __init__(self, xp, kh, kw, stride, ho, wo, has_b):
         self.win = _windows(xp, kh, kw, stride, ho, wo)
         self.k = kh * kw * xp.shape[3]
-        width = self.k + has_b
-        self.per, self.blocks = _image_blocks(xp.shape[0], ho * wo * width * xp.itemsize)
-        self.buf = np.empty((self.per * ho * wo, width), dtype=xp.dtype)
+        self.width = self.k + has_b
+        self.per, self.blocks = _image_blocks(xp.shape[0], ho * wo * self.width * xp.itemsize)
+        self.buf = np.empty((self.per * ho * wo, self.width), dtype=xp.dtype)
         if has_b:
             self.buf[:, self.k] = 1
 
@@ -168,38 +192,37 @@ class _Columns:
 class _PlaneColumns:
     """The transposed column matrix of a channel-major convolution (few input channels), blockwise.
 
-    ``rows(s, e)`` returns the (KH*KW*C [+1], (e - s)*Ho*Wo) C-contiguous matrix of images s:e, gathered
-    plane by plane (runs of whole image rows) from the padded (C, N, Hp, Wp) input into a reused buffer.
+    ``images(s, e)`` returns an (e - s, KH*KW*C [+1], Ho*Wo) C-contiguous array: for each image of the
+    block its transposed column matrix, gathered plane by plane (runs of whole image rows) from the padded
+    (C, N, Hp, Wp) input into a reused buffer.
     """
 
     def __init__(self, xp, kh, kw, stride, ho, wo, has_b):
         self.planes = _cm_planes(xp, kh, kw, stride, ho, wo)
         self.shape = (kh, kw, xp.shape[0], ho, wo)
-        self.k, self.has_b = kh * kw * xp.shape[0], has_b
-        per_image = (self.k + has_b) * ho * wo
-        self.per, self.blocks = _image_blocks(xp.shape[1], per_image * xp.itemsize)
-        self.buf = np.empty(self.per * per_image, dtype=xp.dtype)
+        self.k, self.width = kh * kw * xp.shape[0], kh * kw * xp.shape[0] + has_b
+        self.per, self.blocks = _image_blocks(xp.shape[1], self.width * ho * wo * xp.itemsize)
+        self.buf = np.empty((self.per, self.width, ho * wo), dtype=xp.dtype)
+        if has_b:
+            self.buf[:, self.k] = 1
 
-    def rows(self, s, e):
+    def images(self, s, e):
         kh, kw, c, ho, wo = self.shape
-        m = (e - s) * ho * wo
-        blk = self.buf[:(self.k + self.has_b) * m].reshape(-1, m)
-        b6 = blk[:self.k].reshape(kh, kw, c, e - s, ho, wo)
+        blk = self.buf[:e - s]
+        b6 = blk[:, :self.k].reshape(e - s, kh, kw, c, ho, wo)
         for p, q, plane in self.planes:
-            b6[p, q] = plane[:, s:e]
-        if self.has_b:
-            blk[self.k] = 1
+            b6[:, p, q] = plane[:, s:e].transpose(1, 0, 2, 3)
         return blk
 
 
 class _ShiftedRowsDx:
-    """Input gradient of a stride-1 convolution by the shifted-rows formulation (module docstring), one
-    block of images at a time: the block's upstream gradient is copied into the interior of a zero-padded
-    buffer, and the KH*KW accumulating GEMMs run on row-shifted views of it and of the block's rows of the
-    padded input gradient, all of which stay in cache.  ``block(s, e)`` fills images s:e; ``dx()`` is the
-    (N, C, H, W) view with channels-last strides into the padded gradient (no copy)."""
+    """Input gradient of a stride-1 convolution by the shifted-rows formulation (module docstring), in
+    blocks of images: the block's upstream gradient is copied into the interior of a zero-padded buffer,
+    and the KH*KW accumulating GEMMs run on row-shifted views of it and of the block's rows of the padded
+    input gradient, which stay in cache.  A block is a few images, so that each GEMM is direct-kernel
+    sized.  ``dx()`` is the (N, C, H, W) view with channels-last strides into the padded gradient."""
 
-    def __init__(self, gmat, w, xshape, padding, per):
+    def __init__(self, gmat, w, xshape, padding):
         n, c, h, wd = xshape
         f, _, kh, kw = w.shape
         self.hp, self.wp = h + 2 * padding, wd + 2 * padding
@@ -207,7 +230,9 @@ class _ShiftedRowsDx:
         self.kh, self.kw, self.padding, self.xshape = kh, kw, padding, xshape
         self.gs = gmat.reshape(n, self.ho, self.wo, f)
         self.wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # wt[p, q] = W[p, q]^T, (F, C)
-        self.gbuf = np.zeros((per, self.hp, self.wp, f), dtype=gmat.dtype)  # the border stays zero
+        tail = (kh - 1) * self.wp + (kw - 1)
+        self.per = max(1, min(n, (_direct_rows(f, c) + tail) // (self.hp * self.wp)))
+        self.gbuf = np.zeros((self.per, self.hp, self.wp, f), dtype=gmat.dtype)  # the border stays zero
         self.dxp = np.empty((n * self.hp * self.wp, c), dtype=gmat.dtype)
 
     def block(self, s, e):
@@ -222,10 +247,12 @@ class _ShiftedRowsDx:
         for p in range(self.kh):
             for q in range(self.kw):
                 o = p * wp + q
-                _gemm_into(d[o:o + valid], gv[:valid], self.wt[p, q], 0.0 if o == 0 else 1.0)
+                _gemm_acc(d[o:o + valid], gv[:valid], self.wt[p, q], 0.0 if o == 0 else 1.0)
 
     def dx(self):
         n, c, h, wd = self.xshape
+        for s in range(0, n, self.per):
+            self.block(s, min(s + self.per, n))
         pad = self.padding
         return self.dxp.reshape(n, self.hp, self.wp, c)[:, pad:pad + h, pad:pad + wd, :].transpose(0, 3, 1, 2)
 
@@ -254,17 +281,24 @@ def _conv2d(x, w, b, stride, padding):
     wmat = _weight_matrix(w, b)
     out = np.empty((n * m, f), dtype=x.dtype)  # channels-last: row (n, i, j), one column per filter
     if kw * c < _MIN_CHANNELS_LAST_RUN:
-        # Channel-major: the padded input (C, N, Hp, Wp); BLAS reads each (K, rows) block transposed.
+        # Channel-major: the padded input (C, N, Hp, Wp); each image's out rows = cols_i^T^T @ wmat, with
+        # BLAS reading the image's transposed columns cols_i^T (K, Ho*Wo) with the transpose flag.
         xp = np.zeros((c, n, hp, wp), dtype=x.dtype)
         xp[:, :, padding:padding + h, padding:padding + wd] = x.transpose(1, 0, 2, 3)
         cols, layout = _PlaneColumns(xp, kh, kw, stride, ho, wo, b is not None), "channel-major"
+        gemm, wt = _GEMM[x.dtype], wmat.T
         for s, e in cols.blocks:
-            _gemm_into(out[s * m:e * m], cols.rows(s, e).T, wmat.T, 0.0)
+            for i, ci in enumerate(cols.images(s, e)):
+                ot = out[(s + i) * m:(s + i + 1) * m].T
+                r = gemm(1.0, wt, ci.T, beta=0.0, c=ot, trans_b=1, overwrite_c=True)
+                if r is not ot:
+                    ot[...] = r
     else:
         xp = _nhwc_padded(x, padding)
         cols, layout = _Columns(xp, kh, kw, stride, ho, wo, b is not None), "channels-last"
+        step = _direct_rows(cols.width, f)
         for s, e in cols.blocks:
-            _gemm_into(out[s * m:e * m], cols.rows(s, e), wmat.T, 0.0)
+            _gemm_rows(out[s * m:e * m], cols.rows(s, e), wmat, step)
     y = out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2)
     # The padded input, not the column matrix, is kept: the backward gathers the columns again block by
     # block (a copy within the cache costs less than writing the whole matrix to memory and reading it back).
@@ -339,22 +373,26 @@ def _conv2d_grads(cache, grad_out, need_dx):
     gmat = _channels_last_rows(g)
     channel_major = layout == "channel-major"
     cols = (_PlaneColumns if channel_major else _Columns)(xp, kh, kw, stride, ho, wo, has_b)
-    # Stride 1 (channels-last): the input gradient of each block right after its weight-gradient GEMM,
-    # while the block's upstream gradient is in cache.
-    shifted = _ShiftedRowsDx(gmat, w, xshape, padding, cols.per) if need_dx and stride == 1 and \
-        not channel_major else None
     dwm = np.empty((k + has_b, f), dtype=w.dtype)  # the ones column of the columns gives db as last row
-    for i, (s, e) in enumerate(cols.blocks):
-        blk = cols.rows(s, e)
-        _gemm_into(dwm, blk if channel_major else blk.T, gmat[s * m:e * m], 0.0 if i == 0 else 1.0)
-        if shifted is not None:
-            shifted.block(s, e)
+    if channel_major:
+        # dwm += cols_i^T^T g_i per image: cols_i^T (K, Ho*Wo) C-contiguous is the column-major cols_i.
+        gemm, dt = _GEMM[w.dtype], dwm.T
+        for s, e in cols.blocks:
+            for i, ci in enumerate(cols.images(s, e)):
+                r = gemm(1.0, gmat[(s + i) * m:(s + i + 1) * m].T, ci.T, beta=0.0 if s + i == 0 else 1.0, c=dt,
+                         overwrite_c=True)
+                if r is not dt:
+                    dt[...] = r
+    else:
+        step = _direct_rows(cols.width, f)
+        for s, e in cols.blocks:
+            _gemm_sum_rows(dwm, cols.rows(s, e), gmat[s * m:e * m], 0.0 if s == 0 else 1.0, step)
     dw = np.ascontiguousarray(dwm[:k].reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
     db = dwm[k].copy() if has_b else None
     if not need_dx:
         return None, dw, db
-    if shifted is not None:
-        dx = shifted.dx()
+    if stride == 1 and not channel_major:
+        dx = _ShiftedRowsDx(gmat, w, xshape, padding).dx()
     elif channel_major:
         wm = w.transpose(2, 3, 1, 0).reshape(k, f)  # rows in the (p, q, c) order
         dcols = (wm @ gmat.T).reshape(kh, kw, c, n, ho, wo)
