@@ -6,9 +6,10 @@ no copy) that one ``reshape`` turns into the column matrix, and the forward GEMM
 *is* the output in channels-last memory.  A bias rides along as a column of ones in the column matrix (and
 the bias as the matching weight column), so the GEMM adds it and the weight-gradient GEMM returns db as
 its last row.  The column matrix is never built whole: blocks of whole images (about 1 MB of columns,
-``_Columns``) are gathered into one reused buffer and multiplied while they are in cache, and the backward
+``_Columns``) are gathered into a reused buffer and multiplied while they are in cache, and the backward
 gathers them again from the padded input it keeps (a copy within the cache is cheaper than writing tens of
-MB to memory and reading them back).
+MB to memory and reading them back).  The GEMMs are cut to the size of OpenBLAS's direct kernel, and the
+blocks are spread over the threads (``_over_blocks``); results do not depend on the number of threads.
 With few input channels (KW*C < 16: the RGB input layer) the channels-last windows would be copied in
 runs too short to be efficient, and the transposed column matrix is gathered channel-major instead
 (``_PlaneColumns``: runs of whole image rows); the GEMM reads it transposed, so its output is
@@ -21,9 +22,8 @@ Output pixel r reads padded input pixels r + p*Wp + q, so the padded input gradi
 
     dxp[r + p*Wp + q] += g[r] @ W[p, q]^T          for every kernel offset (p, q),
 
-KH*KW GEMMs on row-shifted views of two matrices, accumulated in place by BLAS (beta = 1, through
-``scipy.linalg.blas``: numpy's matmul cannot accumulate), one block of images at a time (the shifts never
-cross from one image to the next), right after the block's weight-gradient GEMM (``_ShiftedRowsDx``).
+KH*KW GEMMs on row-shifted views of two matrices, summed in place, one block of a few images at a time
+(the shifts never cross from one image to the next; ``_ShiftedRowsDx``).
 Other strides use col2im: a loop over the KH*KW kernel offsets -- never over samples or pixels -- each a
 strided slice-add.
 """
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from scipy.linalg import blas as _blas
 
 from .. import validation as V
 from .._blocks import map_batch_split
@@ -86,12 +85,11 @@ def _check_conv_hyper(stride, padding):
     return V.positive_int(stride, "stride"), nonneg_int(padding, "padding")
 
 
-_GEMM = {np.dtype(np.float32): _blas.sgemm, np.dtype(np.float64): _blas.dgemm}
-# OpenBLAS (the BLAS numpy and scipy ship) computes a product with M*N*K <= 1e6 by a direct kernel that
-# neither packs the operands nor wakes its threads; larger ones are packed and split over the threads.  The
-# products of a small CNN are narrow (16..64 filters), and for them the direct kernel, one call after the
-# other, is faster than the packed threaded one (about 1.5x for the CNN encoder's layers on 2 cores), so
-# the loops below cut their GEMMs to that size.  Any other BLAS just sees smaller blocks.
+# OpenBLAS (the BLAS numpy ships) computes a product with M*N*K <= 1e6 by a direct kernel that neither
+# packs the operands nor wakes its threads; larger ones are packed and split over its threads.  The products
+# of a small CNN are narrow (16..64 filters), and for them the direct kernel is the faster one (about 1.5x
+# for the CNN encoder's layers), so the loops below cut their GEMMs to that size, and run blocks of images
+# on several threads themselves (numpy's matmul releases the GIL).  Any other BLAS just sees smaller blocks.
 _DIRECT_GEMM_MNK = 1_000_000
 # Bytes of column matrix per block of images: a block is gathered and multiplied (in direct-kernel
 # pieces) while it is in the (L2) cache, so the full column matrix (tens of MB) never goes through memory.
@@ -106,44 +104,25 @@ def _direct_rows(*fixed):
     return max(16, _DIRECT_GEMM_MNK // max(1, int(np.prod(fixed))))
 
 
-# The three GEMM shapes below are written for C-contiguous arguments, whose transposes are the
-# Fortran-ordered operands BLAS reads without a copy; BLAS is column-major, so c = a @ b is asked for as
-# c^T = b^T a^T.  f2py returns c^T itself when it could work in place (always, for these arguments), else
-# a new array, which is then written back.  With beta = 0 the old content of c is never read.
-
-def _gemm_rows(c, a, b, rows):
-    """c <- a @ b for C-contiguous c (M, N), a (M, K), b (K, N), ``rows`` rows of c per BLAS call."""
-    gemm, bt = _GEMM[c.dtype], b.T
-    for s in range(0, len(c), rows):
-        ct = c[s:s + rows].T
-        r = gemm(1.0, bt, a[s:s + rows].T, beta=0.0, c=ct, overwrite_c=True)
-        if r is not ct:
-            ct[...] = r
-
-
-def _gemm_sum_rows(c, a, b, beta, rows):
-    """c <- a^T @ b + beta * c for C-contiguous c (K, N), a (M, K), b (M, N): the sum over the M rows,
-    ``rows`` of them per BLAS call (c^T = b^T a, a passed as a^T with the transpose flag)."""
-    gemm, ct = _GEMM[c.dtype], c.T
-    for s in range(0, len(a), rows):
-        r = gemm(1.0, b[s:s + rows].T, a[s:s + rows].T, beta=beta, c=ct, trans_b=1, overwrite_c=True)
-        if r is not ct:
-            ct[...] = r
-        beta = 1.0
-
-
-def _gemm_acc(c, a, b, beta):
-    """c <- a @ b + beta * c, one BLAS call, for C-contiguous c (M, N), a (M, K), b (K, N)."""
-    ct = c.T
-    r = _GEMM[c.dtype](1.0, b.T, a.T, beta=beta, c=ct, overwrite_c=True)
-    if r is not ct:
-        ct[...] = r
-
-
 def _image_blocks(n, bytes_per_image):
     """(images per block, [(start, stop), ...]): consecutive blocks of whole images of about _BLOCK_BYTES."""
     per = max(1, min(n, _BLOCK_BYTES // max(1, bytes_per_image)))
     return per, [(s, min(s + per, n)) for s in range(0, n, per)]
+
+
+def _block_list(layout, xp, kh, kw, ho, wo, has_b):
+    """The blocks of images of :class:`_Columns` / :class:`_PlaneColumns` for this padded input."""
+    if layout == "channel-major":
+        width = kh * kw * xp.shape[0] + has_b
+        return _image_blocks(xp.shape[1], width * ho * wo * xp.itemsize)[1]
+    return _image_blocks(xp.shape[0], ho * wo * (kh * kw * xp.shape[3] + has_b) * xp.itemsize)[1]
+
+
+def _over_blocks(part, blocks, work):
+    """``part(blocks[i0:i1])`` for consecutive parts of the block list, one per thread.  Each thread
+    gathers into its own buffer and multiplies with numpy's matmul, which releases the GIL; the GEMMs
+    are direct-kernel sized, so each runs on its own thread's core and the threads work in parallel."""
+    map_batch_split(lambda i0, i1: part(blocks[i0:i1]), len(blocks), work, min_work=1 << 18)
 
 
 def _weight_matrix(w, b):
@@ -217,10 +196,11 @@ class _PlaneColumns:
 
 class _ShiftedRowsDx:
     """Input gradient of a stride-1 convolution by the shifted-rows formulation (module docstring), in
-    blocks of images: the block's upstream gradient is copied into the interior of a zero-padded buffer,
-    and the KH*KW accumulating GEMMs run on row-shifted views of it and of the block's rows of the padded
-    input gradient, which stay in cache.  A block is a few images, so that each GEMM is direct-kernel
-    sized.  ``dx()`` is the (N, C, H, W) view with channels-last strides into the padded gradient."""
+    blocks of a few images (each GEMM direct-kernel sized), spread over the threads: a block's upstream
+    gradient is copied into the interior of a zero-padded buffer, and the KH*KW GEMMs run on row-shifted
+    views of it, their products added into the block's rows of the padded input gradient (numpy's matmul
+    cannot accumulate, but releases the GIL; the adds run on contiguous rows in cache).  ``dx()`` is the
+    (N, C, H, W) view with channels-last strides into the padded gradient (no copy)."""
 
     def __init__(self, gmat, w, xshape, padding):
         n, c, h, wd = xshape
@@ -232,27 +212,32 @@ class _ShiftedRowsDx:
         self.wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # wt[p, q] = W[p, q]^T, (F, C)
         tail = (kh - 1) * self.wp + (kw - 1)
         self.per = max(1, min(n, (_direct_rows(f, c) + tail) // (self.hp * self.wp)))
-        self.gbuf = np.zeros((self.per, self.hp, self.wp, f), dtype=gmat.dtype)  # the border stays zero
         self.dxp = np.empty((n * self.hp * self.wp, c), dtype=gmat.dtype)
 
-    def block(self, s, e):
+    def part(self, blocks):
+        f, c = self.wt.shape[2:]
         img, wp = self.hp * self.wp, self.wp
-        self.gbuf[:e - s, :self.ho, :self.wo] = self.gs[s:e]
-        gv = self.gbuf.reshape(-1, self.gbuf.shape[-1])
-        # Rows >= valid belong to windows that would run past the block's last padded row; every output
-        # pixel (n, i < Ho, j < Wo) sits below it.
-        valid = (e - s) * img - (self.kh - 1) * wp - (self.kw - 1)
-        d = self.dxp[s * img:e * img]
-        d[valid:] = 0  # rows the offset (0, 0) GEMM (beta = 0) does not write but the others add to
-        for p in range(self.kh):
-            for q in range(self.kw):
-                o = p * wp + q
-                _gemm_acc(d[o:o + valid], gv[:valid], self.wt[p, q], 0.0 if o == 0 else 1.0)
+        gbuf = np.zeros((self.per, self.hp, self.wp, f), dtype=self.dxp.dtype)  # the border stays zero
+        gv = gbuf.reshape(-1, f)
+        tmp = np.empty((len(gv), c), dtype=self.dxp.dtype)
+        for s, e in blocks:
+            gbuf[:e - s, :self.ho, :self.wo] = self.gs[s:e]
+            # Rows >= valid belong to windows that would run past the block's last padded row; every
+            # output pixel (n, i < Ho, j < Wo) sits below it.
+            valid = (e - s) * img - (self.kh - 1) * wp - (self.kw - 1)
+            d = self.dxp[s * img:e * img]
+            np.matmul(gv[:valid], self.wt[0, 0], out=d[:valid])  # offset (0, 0)
+            d[valid:] = 0
+            for p in range(self.kh):
+                for q in range(self.kw):
+                    o = p * wp + q
+                    if o:
+                        d[o:o + valid] += np.matmul(gv[:valid], self.wt[p, q], out=tmp[:valid])
 
     def dx(self):
         n, c, h, wd = self.xshape
-        for s in range(0, n, self.per):
-            self.block(s, min(s + self.per, n))
+        blocks = [(s, min(s + self.per, n)) for s in range(0, n, self.per)]
+        _over_blocks(self.part, blocks, self.dxp.size * self.kh * self.kw)
         pad = self.padding
         return self.dxp.reshape(n, self.hp, self.wp, c)[:, pad:pad + h, pad:pad + wd, :].transpose(0, 3, 1, 2)
 
@@ -280,25 +265,32 @@ def _conv2d(x, w, b, stride, padding):
     m = ho * wo
     wmat = _weight_matrix(w, b)
     out = np.empty((n * m, f), dtype=x.dtype)  # channels-last: row (n, i, j), one column per filter
+    has_b = b is not None
     if kw * c < _MIN_CHANNELS_LAST_RUN:
-        # Channel-major: the padded input (C, N, Hp, Wp); each image's out rows = cols_i^T^T @ wmat, with
-        # BLAS reading the image's transposed columns cols_i^T (K, Ho*Wo) with the transpose flag.
+        # Channel-major: the padded input (C, N, Hp, Wp); image i's output rows are cols_i @ wmat, BLAS
+        # reading the image's transposed columns cols_i^T (K, Ho*Wo) with the transpose flag.
         xp = np.zeros((c, n, hp, wp), dtype=x.dtype)
         xp[:, :, padding:padding + h, padding:padding + wd] = x.transpose(1, 0, 2, 3)
-        cols, layout = _PlaneColumns(xp, kh, kw, stride, ho, wo, b is not None), "channel-major"
-        gemm, wt = _GEMM[x.dtype], wmat.T
-        for s, e in cols.blocks:
-            for i, ci in enumerate(cols.images(s, e)):
-                ot = out[(s + i) * m:(s + i + 1) * m].T
-                r = gemm(1.0, wt, ci.T, beta=0.0, c=ot, trans_b=1, overwrite_c=True)
-                if r is not ot:
-                    ot[...] = r
+        layout = "channel-major"
+
+        def part(blocks):
+            cols = _PlaneColumns(xp, kh, kw, stride, ho, wo, has_b)
+            for s, e in blocks:
+                for i, ci in enumerate(cols.images(s, e)):
+                    np.matmul(ci.T, wmat, out=out[(s + i) * m:(s + i + 1) * m])
     else:
         xp = _nhwc_padded(x, padding)
-        cols, layout = _Columns(xp, kh, kw, stride, ho, wo, b is not None), "channels-last"
-        step = _direct_rows(cols.width, f)
-        for s, e in cols.blocks:
-            _gemm_rows(out[s * m:e * m], cols.rows(s, e), wmat, step)
+        layout = "channels-last"
+        step = _direct_rows(wmat.shape[0], f)
+
+        def part(blocks):
+            cols = _Columns(xp, kh, kw, stride, ho, wo, has_b)
+            for s, e in blocks:
+                blk, o = cols.rows(s, e), out[s * m:e * m]
+                for a in range(0, len(blk), step):
+                    np.matmul(blk[a:a + step], wmat, out=o[a:a + step])
+
+    _over_blocks(part, _block_list(layout, xp, kh, kw, ho, wo, has_b), n * m * wmat.shape[0])
     y = out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2)
     # The padded input, not the column matrix, is kept: the backward gathers the columns again block by
     # block (a copy within the cache costs less than writing the whole matrix to memory and reading it back).
@@ -372,21 +364,35 @@ def _conv2d_grads(cache, grad_out, need_dx):
     g = upstream(grad_out, (n, f, ho, wo), w.dtype)
     gmat = _channels_last_rows(g)
     channel_major = layout == "channel-major"
-    cols = (_PlaneColumns if channel_major else _Columns)(xp, kh, kw, stride, ho, wo, has_b)
-    dwm = np.empty((k + has_b, f), dtype=w.dtype)  # the ones column of the columns gives db as last row
-    if channel_major:
-        # dwm += cols_i^T^T g_i per image: cols_i^T (K, Ho*Wo) C-contiguous is the column-major cols_i.
-        gemm, dt = _GEMM[w.dtype], dwm.T
-        for s, e in cols.blocks:
-            for i, ci in enumerate(cols.images(s, e)):
-                r = gemm(1.0, gmat[(s + i) * m:(s + i + 1) * m].T, ci.T, beta=0.0 if s + i == 0 else 1.0, c=dt,
-                         overwrite_c=True)
-                if r is not dt:
-                    dt[...] = r
-    else:
-        step = _direct_rows(cols.width, f)
-        for s, e in cols.blocks:
-            _gemm_sum_rows(dwm, cols.rows(s, e), gmat[s * m:e * m], 0.0 if s == 0 else 1.0, step)
+    width = k + has_b  # the ones column of the columns gives db as the last row of dW
+    blocks = _block_list(layout, xp, kh, kw, ho, wo, has_b)
+    # One partial dW per block of images, summed in block order at the end: the result does not depend on
+    # how the blocks were spread over the threads.
+    partial = [None] * len(blocks)
+    index = {blk: i for i, blk in enumerate(blocks)}
+
+    def part(own):
+        tmp = np.empty((width, f), dtype=w.dtype)
+        if channel_major:
+            cols = _PlaneColumns(xp, kh, kw, stride, ho, wo, has_b)
+            for s, e in own:
+                acc = np.zeros((width, f), dtype=w.dtype)
+                for i, ci in enumerate(cols.images(s, e)):  # cols_i^T (K, Ho*Wo) times g_i (Ho*Wo, F)
+                    acc += np.matmul(ci, gmat[(s + i) * m:(s + i + 1) * m], out=tmp)
+                partial[index[s, e]] = acc
+        else:
+            cols, step = _Columns(xp, kh, kw, stride, ho, wo, has_b), _direct_rows(width, f)
+            for s, e in own:
+                acc = np.zeros((width, f), dtype=w.dtype)
+                blk, gb = cols.rows(s, e), gmat[s * m:e * m]
+                for a in range(0, len(blk), step):
+                    acc += np.matmul(blk[a:a + step].T, gb[a:a + step], out=tmp)
+                partial[index[s, e]] = acc
+
+    _over_blocks(part, blocks, n * m * width)
+    dwm = partial[0]
+    for acc in partial[1:]:
+        dwm += acc
     dw = np.ascontiguousarray(dwm[:k].reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
     db = dwm[k].copy() if has_b else None
     if not need_dx:
