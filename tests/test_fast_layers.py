@@ -300,3 +300,66 @@ def test_cnn_encoder_with_channels_last_activations_passes_gradcheck():
         else:
             h = layer.forward(sub, {}, h)[0]
     np.testing.assert_allclose(net(params, {}, x), h, rtol=1e-12, atol=1e-12)
+
+
+# -- checks on channels-last views -----------------------------------------------------------------------
+def _channels_last(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def test_channels_last_views_are_checked_like_any_array():
+    # conv.checked_4d / checked_upstream run validation on the C-ordered transpose of a channels-last view:
+    # same acceptance, same errors as validation on the array itself.
+    rng = np.random.default_rng(9)
+    good = _channels_last(rng.standard_normal((2, 3, 4, 5)).astype(np.float32))
+    assert conv._dense_order(good) == (0, 2, 3, 1)
+    assert conv.checked_4d(good, "x", "(N, C, H, W)") is good
+    g = conv.checked_upstream(good, (2, 3, 4, 5), np.float32)
+    assert g.shape == good.shape and np.shares_memory(g, good)
+    np.testing.assert_array_equal(g, good)
+    for bad_value in (np.nan, np.inf, -np.inf):
+        bad = good.copy(order="K")
+        bad[1, 2, 3, 4] = bad_value
+        assert conv._dense_order(bad) is not None
+        with pytest.raises(ValueError, match="x contains NaN or inf"):
+            conv.checked_4d(bad, "x", "(N, C, H, W)")
+        with pytest.raises(ValueError, match="grad_out contains NaN or inf"):
+            conv.checked_upstream(bad, (2, 3, 4, 5), np.float32)
+    # Anything else takes the ordinary path, with its own messages.
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        conv.checked_upstream(good, (2, 3, 5, 4), np.float32)
+    cast = conv.checked_upstream(good, (2, 3, 4, 5), np.float64)  # cast to the op's dtype
+    assert cast.dtype == np.float64
+    np.testing.assert_array_equal(cast, good)
+    with pytest.raises(TypeError, match="x must be a float32 or float64 array"):
+        conv.checked_4d(_channels_last(np.ones((1, 2, 2, 2), dtype=np.int64)), "x", "(N, C, H, W)")
+    with pytest.raises(ValueError, match="x must have shape"):
+        conv.checked_4d(good[0], "x", "(N, C, H, W)")
+    with pytest.raises(ValueError, match="empty batch"):
+        conv.checked_4d(good[:0], "x", "(N, C, H, W)")
+    gaps = np.full((1, 1, 2, 4), np.nan)[:, :, :, ::2]  # a view with gaps: the ordinary path
+    assert conv._dense_order(gaps) is None
+    with pytest.raises(ValueError, match="x contains NaN"):
+        conv.checked_4d(gaps, "x", "(N, C, H, W)")
+
+
+@pytest.mark.parametrize("channels", [3, 16])
+def test_conv2d_results_do_not_depend_on_the_number_of_threads(channels, monkeypatch):
+    # Blocks of images go to the threads; the weight gradient is summed per block, in block order.
+    import refssl._blocks as blocks
+
+    rng = np.random.default_rng(10)
+    x = _channels_last(rng.standard_normal((80, channels, 12, 12)).astype(np.float32))  # enough work to split
+    w = (rng.standard_normal((8, channels, 3, 3)) / 6).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    monkeypatch.setattr(conv, "_BLOCK_BYTES", 20000)  # several blocks per thread
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(blocks, "num_threads", lambda t=threads: t)
+        monkeypatch.setattr(blocks, "_pool", None)
+        out, cache = conv.conv2d_forward_strided(x, w, b, padding=1)
+        g = _channels_last(np.cos(np.arange(out.size, dtype=np.float32)).reshape(out.shape))
+        results.append((out.copy(),) + conv.conv2d_backward(cache, g))
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            np.testing.assert_array_equal(a, b_)
