@@ -144,7 +144,8 @@ def _image_blocks(n, bytes_per_image):
 
 
 def _block_list(layout, xp, kh, kw, ho, wo, has_b):
-    """The blocks of images of :class:`_Columns` / :class:`_PlaneColumns` for this padded input."""
+    """The blocks of images (start, stop) for the column buffers of :class:`_Columns` (channels-last) or
+    :class:`_PlaneColumns` (channel-major) on this padded input: about _BLOCK_BYTES of columns each."""
     if layout == "channel-major":
         width = kh * kw * xp.shape[0] + has_b
         return _image_blocks(xp.shape[1], width * ho * wo * xp.itemsize)[1]
@@ -189,8 +190,8 @@ class _Columns:
         self.win = _windows(xp, kh, kw, stride, ho, wo)
         self.k = kh * kw * xp.shape[3]
         self.width = self.k + has_b
-        self.per, self.blocks = _image_blocks(xp.shape[0], ho * wo * self.width * xp.itemsize)
-        self.buf = np.empty((self.per * ho * wo, self.width), dtype=xp.dtype)
+        per = _image_blocks(xp.shape[0], ho * wo * self.width * xp.itemsize)[0]  # as in _block_list
+        self.buf = np.empty((per * ho * wo, self.width), dtype=xp.dtype)
         if has_b:
             self.buf[:, self.k] = 1
 
@@ -213,8 +214,8 @@ class _PlaneColumns:
         self.planes = _cm_planes(xp, kh, kw, stride, ho, wo)
         self.shape = (kh, kw, xp.shape[0], ho, wo)
         self.k, self.width = kh * kw * xp.shape[0], kh * kw * xp.shape[0] + has_b
-        self.per, self.blocks = _image_blocks(xp.shape[1], self.width * ho * wo * xp.itemsize)
-        self.buf = np.empty((self.per, self.width, ho * wo), dtype=xp.dtype)
+        per = _image_blocks(xp.shape[1], self.width * ho * wo * xp.itemsize)[0]  # as in _block_list
+        self.buf = np.empty((per, self.width, ho * wo), dtype=xp.dtype)
         if has_b:
             self.buf[:, self.k] = 1
 
