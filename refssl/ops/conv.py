@@ -309,9 +309,8 @@ def _conv2d(x, w, b, stride, padding):
 
         def part(blocks):
             cols = _PlaneColumns(xp, kh, kw, stride, ho, wo, has_b)
-            for s, e in blocks:
-                for i, ci in enumerate(cols.images(s, e)):
-                    np.matmul(ci.T, wmat, out=out[(s + i) * m:(s + i + 1) * m])
+            for s, e in blocks:  # one stacked matmul: a GEMM per image, the loop in numpy
+                np.matmul(cols.images(s, e).transpose(0, 2, 1), wmat, out=out[s * m:e * m].reshape(e - s, m, f))
     else:
         xp = _nhwc_padded(x, padding)
         layout = "channels-last"
@@ -321,8 +320,9 @@ def _conv2d(x, w, b, stride, padding):
             cols = _Columns(xp, kh, kw, stride, ho, wo, has_b)
             for s, e in blocks:
                 blk, o = cols.rows(s, e), out[s * m:e * m]
-                for a in range(0, len(blk), step):
-                    np.matmul(blk[a:a + step], wmat, out=o[a:a + step])
+                q = len(blk) // step * step  # pieces of `step` rows as one stacked matmul, then the rest
+                np.matmul(blk[:q].reshape(-1, step, blk.shape[1]), wmat, out=o[:q].reshape(-1, step, f))
+                np.matmul(blk[q:], wmat, out=o[q:])
 
     _over_blocks(part, _block_list(layout, xp, kh, kw, ho, wo, has_b), n * m * wmat.shape[0])
     y = out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2)
@@ -406,21 +406,20 @@ def _conv2d_grads(cache, grad_out, need_dx):
     index = {blk: i for i, blk in enumerate(blocks)}
 
     def part(own):
-        tmp = np.empty((width, f), dtype=w.dtype)
+        # Stacked matmuls (a GEMM per piece, the loop in numpy), the pieces' products summed in order.
         if channel_major:
             cols = _PlaneColumns(xp, kh, kw, stride, ho, wo, has_b)
-            for s, e in own:
-                acc = np.zeros((width, f), dtype=w.dtype)
-                for i, ci in enumerate(cols.images(s, e)):  # cols_i^T (K, Ho*Wo) times g_i (Ho*Wo, F)
-                    acc += np.matmul(ci, gmat[(s + i) * m:(s + i + 1) * m], out=tmp)
-                partial[index[s, e]] = acc
+            for s, e in own:  # cols_i^T (K, Ho*Wo) times g_i (Ho*Wo, F) for each image i
+                gb = gmat[s * m:e * m].reshape(e - s, m, f)
+                partial[index[s, e]] = np.matmul(cols.images(s, e), gb).sum(axis=0)
         else:
             cols, step = _Columns(xp, kh, kw, stride, ho, wo, has_b), _direct_rows(width, f)
             for s, e in own:
-                acc = np.zeros((width, f), dtype=w.dtype)
                 blk, gb = cols.rows(s, e), gmat[s * m:e * m]
-                for a in range(0, len(blk), step):
-                    acc += np.matmul(blk[a:a + step].T, gb[a:a + step], out=tmp)
+                q = len(blk) // step * step
+                acc = np.matmul(blk[:q].reshape(-1, step, width).transpose(0, 2, 1),
+                                gb[:q].reshape(-1, step, f)).sum(axis=0)
+                acc += blk[q:].T @ gb[q:]
                 partial[index[s, e]] = acc
 
     _over_blocks(part, blocks, n * m * width)
