@@ -253,20 +253,23 @@ class _ShiftedRowsDx:
         img, wp = self.hp * self.wp, self.wp
         gbuf = np.zeros((self.per, self.hp, self.wp, f), dtype=self.dxp.dtype)  # the border stays zero
         gv = gbuf.reshape(-1, f)
-        tmp = np.empty((len(gv), c), dtype=self.dxp.dtype)
+        wt = self.wt.reshape(-1, f, c)
+        prods = np.empty((len(wt), len(gv), c), dtype=self.dxp.dtype)
         for s, e in blocks:
             gbuf[:e - s, :self.ho, :self.wo] = self.gs[s:e]
             # Rows >= valid belong to windows that would run past the block's last padded row; every
             # output pixel (n, i < Ho, j < Wo) sits below it.
             valid = (e - s) * img - (self.kh - 1) * wp - (self.kw - 1)
+            pv = prods[:, :valid]
+            np.matmul(gv[:valid], wt, out=pv)  # the KH*KW products g @ W[p, q]^T, one stacked matmul
             d = self.dxp[s * img:e * img]
-            np.matmul(gv[:valid], self.wt[0, 0], out=d[:valid])  # offset (0, 0)
+            d[:valid] = pv[0]  # offset (0, 0)
             d[valid:] = 0
             for p in range(self.kh):
                 for q in range(self.kw):
                     o = p * wp + q
                     if o:
-                        d[o:o + valid] += np.matmul(gv[:valid], self.wt[p, q], out=tmp[:valid])
+                        d[o:o + valid] += pv[p * self.kw + q]
 
     def dx(self):
         n, c, h, wd = self.xshape
