@@ -10,9 +10,10 @@ The machine this runs on is shared, so the timings are noisy: the refssl and tor
 interleaved in one process (a, b, a, b, ...), so that a change of load falls on both alike, and the
 medians are reported, with the median of the per-pair ratios.  The per-layer table times every layer of
 both networks the same way (forward and backward separately, on the step's shapes, the upstream gradient
-in the memory layout of the layer's output for refssl and contiguous for torch).  Layers timed one at a
-time reuse their freed memory, so the table's sum can fall short of the step, where all the caches are
-alive at once and fresh pages are faulted in.
+in the memory layout of the layer's output for refssl and contiguous for torch); a ReLU followed by a 2x2
+max-pool is one row, as refssl's Sequential runs the pair as one fused op.  Layers timed one at a time
+reuse their freed memory, so the table's sum can fall short of the step, where all the caches are alive
+at once and fresh pages are faulted in.
 
 How it was run (2 cores; OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, when the environment sets them for old
 OpenBLAS builds, slow a current numpy, so they are unset for this command only):
@@ -169,43 +170,65 @@ def main(argv=None) -> int:
 
 
 def layer_table(net, box, tnet, x, repeats, np, torch):
-    """Forward and backward of every layer on the step's shapes, refssl and torch interleaved."""
+    """Forward and backward of every layer on the step's shapes, refssl and torch interleaved.
+
+    A ReLU followed by a 2x2 max-pool is one row: refssl's Sequential runs the pair as one fused op, so
+    that op is timed (and torch's two modules together)."""
+    from refssl.nn.layers import _relu_then_max_pool2x2
+    from refssl.ops import pooling
+
     rows, h = [], x
     th = torch.from_numpy(x)
-    for i, layer in enumerate(net.layers):
-        sub = {k.split(".", 1)[1]: v for k, v in box["p"].items() if k.startswith(f"{i}.")}
-        st = {k.split(".", 1)[1]: v for k, v in box["s"].items() if k.startswith(f"{i}.")}
+    i = 0
+    while i < len(net.layers):
+        layer = net.layers[i]
         need_dx = i > 0
         tin = th.detach().clone().requires_grad_(need_dx)
-        out, cache, _ = layer.forward(sub, st, h, train=True)
+        if _relu_then_max_pool2x2(net.layers, i):
+            name, span = f"{i}-{i + 1}:ReLU+MaxPool", 2
+            tmod = torch.nn.Sequential(tnet[i], tnet[i + 1])
+            out, cache = pooling.relu_max_pool2x2_forward(h)
+
+            def r_fwd(h=h):
+                pooling.relu_max_pool2x2_forward(h)
+
+            def r_bwd_of(g, cache=cache):
+                return lambda: pooling.relu_max_pool2x2_backward(cache, g)
+        else:
+            name, span = f"{i}:{type(layer).__name__}", 1
+            tmod = tnet[i]
+            sub = {k.split(".", 1)[1]: v for k, v in box["p"].items() if k.startswith(f"{i}.")}
+            st = {k.split(".", 1)[1]: v for k, v in box["s"].items() if k.startswith(f"{i}.")}
+            out, cache, _ = layer.forward(sub, st, h, train=True)
+
+            def r_fwd(layer=layer, sub=sub, st=st, h=h):
+                layer.forward(sub, st, h, train=True)
+
+            def r_bwd_of(g, layer=layer, cache=cache, need_dx=need_dx):
+                return lambda: layer.backward(cache, g, need_dx=need_dx)
         # The upstream gradient in the memory layout the next layer's backward would hand over (that of
         # the output: channels-last after a convolution), and contiguous for torch.
         g = np.empty_like(out)
         g[...] = np.random.default_rng(i).standard_normal(out.shape)
         tg = torch.from_numpy(np.ascontiguousarray(g))
-        tout = tnet[i](tin)
+        tout = tmod(tin)
 
-        def r_fwd(layer=layer, sub=sub, st=st, h=h):
-            layer.forward(sub, st, h, train=True)
-
-        def r_bwd(layer=layer, cache=cache, g=g, need_dx=need_dx):
-            layer.backward(cache, g, need_dx=need_dx)
-
-        def t_fwd(m=tnet[i], tin=tin):
+        def t_fwd(m=tmod, tin=tin):
             m(tin)
 
         def t_bwd(tout=tout, tg=tg):
             tout.backward(tg, retain_graph=True)
 
-        rf, rb, tf, tb = (statistics.median(t) for t in interleaved([r_fwd, r_bwd, t_fwd, t_bwd], repeats))
-        rows.append((f"{i}:{type(layer).__name__}", rf, rb, tf, tb))
+        rf, rb, tf, tb = (statistics.median(t) for t in interleaved([r_fwd, r_bwd_of(g), t_fwd, t_bwd], repeats))
+        rows.append((name, rf, rb, tf, tb))
         h, th = out, tout.detach()
+        i += span
     print(f"\nper layer, ms (median of {repeats}, refssl and torch interleaved):")
-    print(f"  {'layer':<14s} {'refssl fwd':>10s} {'bwd':>7s} {'torch fwd':>10s} {'bwd':>7s}")
+    print(f"  {'layer':<18s} {'refssl fwd':>10s} {'bwd':>7s} {'torch fwd':>10s} {'bwd':>7s}")
     for name, rf, rb, tf, tb in rows:
-        print(f"  {name:<14s} {rf:10.1f} {rb:7.1f} {tf:10.1f} {tb:7.1f}")
+        print(f"  {name:<18s} {rf:10.1f} {rb:7.1f} {tf:10.1f} {tb:7.1f}")
     tot = [sum(r[k] for r in rows) for k in range(1, 5)]
-    print(f"  {'sum':<14s} {tot[0]:10.1f} {tot[1]:7.1f} {tot[2]:10.1f} {tot[3]:7.1f}")
+    print(f"  {'sum':<18s} {tot[0]:10.1f} {tot[1]:7.1f} {tot[2]:10.1f} {tot[3]:7.1f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The fast paths of the CNN layers against loop references and finite differences.
 
-conv2d has two im2col layouts (channels-last for KW*C >= 16, channel-major for the RGB input layer), a
-shifted-rows input gradient for stride 1 and col2im otherwise, and a variant whose output is a
-channels-last view; max-pool has a 2x2 path with its own tie rule bookkeeping; ReLU keeps the memory
-layout of its input; map_batch_split spreads the batch over threads.  The registry-wide tests use tiny
+conv2d has two im2col layouts (channels-last for KW*C >= 16, channel-major for the RGB input layer), both
+gathered in blocks of images, a shifted-rows input gradient for stride 1 (per block) and col2im otherwise,
+and a variant whose output is a channels-last view; max-pool has a 2x2 path with its own tie rule
+bookkeeping; ReLU keeps the memory layout of its input; map_batch_split spreads the batch over threads.  The registry-wide tests use tiny
 examples (channel-major conv only), so each path is exercised here.
 """
 
@@ -116,6 +116,37 @@ def test_conv2d_backward_takes_any_layout_and_first_layer_grads_agree(case):
     cdx = conv.conv2d_backward(conv.conv2d_forward(x, w, b, stride=s, padding=p)[1], g)[0]
     assert cdx.flags.c_contiguous
     np.testing.assert_allclose(cdx, dx, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("images_per_block, direct_mnk", [(1, 1), (2, 1), (2, 10 ** 6)])
+@pytest.mark.parametrize("case", CASES)
+def test_conv2d_blocks_of_images_match_one_block(case, images_per_block, direct_mnk, monkeypatch):
+    # The column matrix is gathered, multiplied and (in the backward) gathered again in blocks of whole
+    # images, each GEMM cut into pieces of at least 16 rows (fewer when the direct-kernel size allows), and
+    # the stride-1 input gradient is computed per block of images.  Tiny test inputs fit in one block and
+    # one piece: shrink both so that 5 images make several blocks (2 + 2 + 1) and pieces.
+    n, c, h, wd, f, kh, kw, s, p, bias = case
+    rng = np.random.default_rng(sum(case) + 3)
+    x, w, b, s, p = _layer((5,) + case[1:], rng)
+    out, cache = conv.conv2d_forward_strided(x, w, b, stride=s, padding=p)
+    g = rng.standard_normal(out.shape)
+    want = conv.conv2d_backward(cache, g)
+    ho, wo = out.shape[2:]
+    per_image = ho * wo * (kh * kw * c + bias) * 8
+    monkeypatch.setattr(conv, "_BLOCK_BYTES", images_per_block * per_image)
+    monkeypatch.setattr(conv, "_DIRECT_GEMM_MNK", direct_mnk)
+    assert conv._image_blocks(5, per_image)[0] == images_per_block
+    bout, bcache = conv.conv2d_forward_strided(x, w, b, stride=s, padding=p)
+    np.testing.assert_allclose(bout, conv_reference(x, w, b, s, p), rtol=1e-12, atol=1e-12)
+    for got, ref in zip(conv.conv2d_backward(bcache, g), want):
+        if ref is not None:
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    pdw, pdb = conv.conv2d_param_grads(bcache, g)
+    np.testing.assert_allclose(pdw, want[1], rtol=1e-12, atol=1e-12)
+    # dx of the blocked path against the adjoint identity <conv(x; w, no bias), g> = <x, dx>, independently
+    # of the one-block result.
+    dx = conv.conv2d_backward(bcache, g)[0]
+    np.testing.assert_allclose(np.sum(conv_reference(x, w, None, s, p) * g), np.sum(x * dx), rtol=1e-10)
 
 
 def test_conv2d_float32_paths_and_empty_kernel_errors():
@@ -269,3 +300,66 @@ def test_cnn_encoder_with_channels_last_activations_passes_gradcheck():
         else:
             h = layer.forward(sub, {}, h)[0]
     np.testing.assert_allclose(net(params, {}, x), h, rtol=1e-12, atol=1e-12)
+
+
+# -- checks on channels-last views -----------------------------------------------------------------------
+def _channels_last(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def test_channels_last_views_are_checked_like_any_array():
+    # conv.checked_4d / checked_upstream run validation on the C-ordered transpose of a channels-last view:
+    # same acceptance, same errors as validation on the array itself.
+    rng = np.random.default_rng(9)
+    good = _channels_last(rng.standard_normal((2, 3, 4, 5)).astype(np.float32))
+    assert conv._dense_order(good) == (0, 2, 3, 1)
+    assert conv.checked_4d(good, "x", "(N, C, H, W)") is good
+    g = conv.checked_upstream(good, (2, 3, 4, 5), np.float32)
+    assert g.shape == good.shape and np.shares_memory(g, good)
+    np.testing.assert_array_equal(g, good)
+    for bad_value in (np.nan, np.inf, -np.inf):
+        bad = good.copy(order="K")
+        bad[1, 2, 3, 4] = bad_value
+        assert conv._dense_order(bad) is not None
+        with pytest.raises(ValueError, match="x contains NaN or inf"):
+            conv.checked_4d(bad, "x", "(N, C, H, W)")
+        with pytest.raises(ValueError, match="grad_out contains NaN or inf"):
+            conv.checked_upstream(bad, (2, 3, 4, 5), np.float32)
+    # Anything else takes the ordinary path, with its own messages.
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        conv.checked_upstream(good, (2, 3, 5, 4), np.float32)
+    cast = conv.checked_upstream(good, (2, 3, 4, 5), np.float64)  # cast to the op's dtype
+    assert cast.dtype == np.float64
+    np.testing.assert_array_equal(cast, good)
+    with pytest.raises(TypeError, match="x must be a float32 or float64 array"):
+        conv.checked_4d(_channels_last(np.ones((1, 2, 2, 2), dtype=np.int64)), "x", "(N, C, H, W)")
+    with pytest.raises(ValueError, match="x must have shape"):
+        conv.checked_4d(good[0], "x", "(N, C, H, W)")
+    with pytest.raises(ValueError, match="empty batch"):
+        conv.checked_4d(good[:0], "x", "(N, C, H, W)")
+    gaps = np.full((1, 1, 2, 4), np.nan)[:, :, :, ::2]  # a view with gaps: the ordinary path
+    assert conv._dense_order(gaps) is None
+    with pytest.raises(ValueError, match="x contains NaN"):
+        conv.checked_4d(gaps, "x", "(N, C, H, W)")
+
+
+@pytest.mark.parametrize("channels", [3, 16])
+def test_conv2d_results_do_not_depend_on_the_number_of_threads(channels, monkeypatch):
+    # Blocks of images go to the threads; the weight gradient is summed per block, in block order.
+    import refssl._blocks as blocks
+
+    rng = np.random.default_rng(10)
+    x = _channels_last(rng.standard_normal((80, channels, 12, 12)).astype(np.float32))  # enough work to split
+    w = (rng.standard_normal((8, channels, 3, 3)) / 6).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    monkeypatch.setattr(conv, "_BLOCK_BYTES", 20000)  # several blocks per thread
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(blocks, "num_threads", lambda t=threads: t)
+        monkeypatch.setattr(blocks, "_pool", None)
+        out, cache = conv.conv2d_forward_strided(x, w, b, padding=1)
+        g = _channels_last(np.cos(np.arange(out.size, dtype=np.float32)).reshape(out.shape))
+        results.append((out.copy(),) + conv.conv2d_backward(cache, g))
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            np.testing.assert_array_equal(a, b_)

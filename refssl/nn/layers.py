@@ -267,9 +267,26 @@ def _sub(d, prefix):
     return {k[len(p):]: v for k, v in d.items() if k.startswith(p)}
 
 
+# The cache entry of a MaxPool2d that ran fused with the ReLU before it (whose entry holds the fused cache).
+_FUSED_WITH_PREVIOUS = object()
+
+
+def _relu_then_max_pool2x2(layers, i):
+    """Layers i, i+1 are a ReLU and a 2x2 max-pool (kernel = stride = 2), which Sequential runs as one op."""
+    if i + 1 >= len(layers) or type(layers[i]) is not ReLU or type(layers[i + 1]) is not MaxPool2d:
+        return False
+    stride = layers[i + 1].stride  # as given: only None or the int 2 (anything else, the op decides)
+    return layers[i + 1].kernel == 2 and (stride is None or (type(stride) is int and stride == 2))
+
+
 class Sequential(Module):
     """A chain of modules.  Parameter and state names are ``"{index}.{name}"`` (e.g. ``"0.w"``,
-    ``"1.running_mean"``); the backward pass is the reverse chain over the per-layer caches."""
+    ``"1.running_mean"``); the backward pass is the reverse chain over the per-layer caches.
+
+    A ``ReLU`` directly followed by a ``MaxPool2d(2)`` runs as one fused op
+    (:func:`refssl.ops.pooling.relu_max_pool2x2_forward`: pooling first, ReLU on the 4x smaller result):
+    same output and gradients, without the ReLU's passes over the full-size activation.  Calling the
+    layers one by one gives the unfused computation."""
 
     def __init__(self, *layers: Module):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
@@ -286,17 +303,33 @@ class Sequential(Module):
 
     def forward(self, params, state, x, *, train=True):
         caches, new_state = [], {}
-        for i, layer in enumerate(self.layers):
+        i = 0
+        while i < len(self.layers):
+            if _relu_then_max_pool2x2(self.layers, i):
+                # One pass for both (same values and gradients as the two layers, see
+                # pooling.relu_max_pool2x2_forward); neither layer has parameters or state.
+                x, c = pooling.relu_max_pool2x2_forward(x)
+                caches += [c, _FUSED_WITH_PREVIOUS]
+                i += 2
+                continue
+            layer = self.layers[i]
             x, c, s = layer.forward(_sub(params, str(i)), _sub(state, str(i)), x, train=train)
             caches.append(c)
             new_state.update({f"{i}.{k}": v for k, v in s.items()})
+            i += 1
         return x, caches, new_state
 
     def backward(self, cache, dout, *, need_dx=True):
         grads = {}
-        for i in range(len(self.layers) - 1, -1, -1):
+        i = len(self.layers) - 1
+        while i >= 0:
+            if cache[i] is _FUSED_WITH_PREVIOUS:  # layers i - 1 (ReLU) and i (MaxPool2d) ran as one op
+                (dout,) = pooling.relu_max_pool2x2_backward(cache[i - 1], dout)
+                i -= 2
+                continue
             dout, g = self.layers[i].backward(cache[i], dout, need_dx=need_dx or i > 0)
             grads.update({f"{i}.{k}": v for k, v in g.items()})
+            i -= 1
         return dout, grads
 
     def __len__(self):

@@ -2,15 +2,18 @@
 
 Both ops take NCHW tensors at their interface but work internally in NHWC (channels-last), where every
 im2col row is a run of contiguous channel vectors: the window gather is a strided view (``as_strided``,
-no copy) that one ``reshape`` turns into the column matrix, and the forward is a single GEMM whose
-(N*Ho*Wo, F) result *is* the output in channels-last memory.  The column matrix is kept in the cache and
-reused for the weight gradient (one more GEMM).  A bias rides along as a column of ones in the column
-matrix (and the bias as the matching weight column), so the GEMM adds it and the weight-gradient GEMM
-returns db as its last row.  The column matrix is built in blocks of whole images (< 8 MB each, which
-malloc recycles between steps instead of mapping fresh pages), gathered on the worker threads.
+no copy) that one ``reshape`` turns into the column matrix, and the forward GEMM's (N*Ho*Wo, F) result
+*is* the output in channels-last memory.  A bias rides along as a column of ones in the column matrix (and
+the bias as the matching weight column), so the GEMM adds it and the weight-gradient GEMM returns db as
+its last row.  The column matrix is never built whole: blocks of whole images (about 1 MB of columns,
+``_Columns``) are gathered into a reused buffer and multiplied while they are in cache, and the backward
+gathers them again from the padded input it keeps (a copy within the cache is cheaper than writing tens of
+MB to memory and reading them back).  The GEMMs are cut to the size of OpenBLAS's direct kernel, and the
+blocks are spread over the threads (``_over_blocks``); results do not depend on the number of threads.
 With few input channels (KW*C < 16: the RGB input layer) the channels-last windows would be copied in
 runs too short to be efficient, and the transposed column matrix is gathered channel-major instead
-(``_conv2d_cm_forward``: runs of whole image rows; output (F, N, Ho, Wo) memory).
+(``_PlaneColumns``: runs of whole image rows); the GEMM reads it transposed, so its output is
+channels-last as well.
 
 The input gradient of a stride-1 convolution (every convolution of the CNN encoder) avoids col2im with the
 *shifted-rows* formulation: store the upstream gradient zero-padded and flattened, row r = output pixel
@@ -19,16 +22,16 @@ Output pixel r reads padded input pixels r + p*Wp + q, so the padded input gradi
 
     dxp[r + p*Wp + q] += g[r] @ W[p, q]^T          for every kernel offset (p, q),
 
-KH*KW GEMMs on row-shifted views of two matrices, accumulated in place by BLAS (beta = 1, through
-``scipy.linalg.blas``: numpy's matmul cannot accumulate).  Other strides use col2im: a loop over the
-KH*KW kernel offsets -- never over samples or pixels -- each a strided slice-add.
+KH*KW GEMMs on row-shifted views of two matrices, summed in place, one block of a few images at a time
+(the shifts never cross from one image to the next; ``_ShiftedRowsDx``).
+Other strides use col2im: a loop over the KH*KW kernel offsets -- never over samples or pixels -- each a
+strided slice-add.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from scipy.linalg import blas as _blas
 
 from .. import validation as V
 from .._blocks import map_batch_split
@@ -78,69 +81,94 @@ def _nhwc_padded(x, padding):
     return xp
 
 
+def _dense_order(a):
+    """The axis order (outermost first) in which ``a``'s memory is C-contiguous, when ``a`` is a non-empty
+    plain ndarray that is a transpose of a C-contiguous array without being C-contiguous itself (e.g. a
+    channels-last (N, C, H, W) view); None otherwise."""
+    if type(a) is not np.ndarray or a.size == 0 or a.flags.c_contiguous:
+        return None
+    order = tuple(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
+    return order if a.transpose(order).flags.c_contiguous else None
+
+
+# validation's finiteness test is one BLAS dot product on C-contiguous memory but an elementwise pass
+# with a boolean temporary on any other layout; the channels-last activations these layers pass around
+# are checked through their C-ordered transpose instead: the same checks and messages (for a non-empty
+# array, the rank, dtype and finiteness do not depend on the order of the axes), a fraction of the cost.
+
+def checked_4d(x, name, shape_doc):
+    """``V.float_array(x, name, ndim=4, shape_doc=shape_doc)``, fast for channels-last views."""
+    order = _dense_order(x)
+    if order is None:
+        return V.float_array(x, name, ndim=4, shape_doc=shape_doc)
+    V.float_array(x.transpose(order), name, ndim=4, shape_doc=shape_doc)
+    return x
+
+
+def checked_upstream(grad_out, shape, dtype):
+    """``upstream(grad_out, shape, dtype)``, fast for a channels-last view of the right shape and dtype."""
+    order = _dense_order(grad_out)
+    if order is None or grad_out.shape != tuple(shape) or grad_out.dtype != dtype:
+        return upstream(grad_out, shape, dtype)
+    g = upstream(grad_out.transpose(order), tuple(shape[i] for i in order), dtype)
+    return g.transpose(np.argsort(order))
+
+
 def _check_conv_hyper(stride, padding):
     return V.positive_int(stride, "stride"), nonneg_int(padding, "padding")
 
 
-_GEMM = {np.dtype(np.float32): _blas.sgemm, np.dtype(np.float64): _blas.dgemm}
-_COLS_BLOCK_BYTES = 8 << 20
+# OpenBLAS (the BLAS numpy ships) computes a product with M*N*K <= 1e6 by a direct kernel that neither
+# packs the operands nor wakes its threads; larger ones are packed and split over its threads.  The products
+# of a small CNN are narrow (16..64 filters), and for them the direct kernel is the faster one (about 1.5x
+# for the CNN encoder's layers), so the loops below cut their GEMMs to that size, and run blocks of images
+# on several threads themselves (numpy's matmul releases the GIL).  Any other BLAS just sees smaller blocks.
+_DIRECT_GEMM_MNK = 1_000_000
+# Bytes of column matrix per block of images: a block is gathered and multiplied (in direct-kernel
+# pieces) while it is in the (L2) cache, so the full column matrix (tens of MB) never goes through memory.
+_BLOCK_BYTES = 1 << 20
 # Below this many numbers per window row (KW*C) the channels-last gather copies runs too short to be
 # efficient and the channel-major layout (runs of whole image rows) is used instead.
 _MIN_CHANNELS_LAST_RUN = 16
 
 
-def _blas_operand(m):
-    """(array, trans) such that BLAS (column-major) reads ``m^T`` from it without a copy."""
-    if m.flags.f_contiguous and not m.flags.c_contiguous:
-        return m, 1  # m^T is C-ordered, i.e. m itself seen column-major and transposed
-    return m.T, 0
+def _direct_rows(*fixed):
+    """Rows per GEMM call such that rows * prod(fixed) stays within the direct kernel's size (at least 16)."""
+    return max(16, _DIRECT_GEMM_MNK // max(1, int(np.prod(fixed))))
 
 
-def _gemm_into(c, a, b, beta):
-    """c <- a @ b + beta * c in place; c is C-contiguous (e.g. a block of rows of a C-contiguous matrix).
-
-    BLAS is column-major, so it is asked for c^T = b^T a^T: the transposes of C-ordered arrays are
-    Fortran-ordered views, and an operand given as the transpose of a C-ordered array is passed with the
-    transpose flag instead, so nothing is copied.  With beta = 0 the old content of c is never read (BLAS
-    contract), so c may be uninitialised.
-    """
-    (bt, tb), (at, ta) = _blas_operand(b), _blas_operand(a)
-    r = _GEMM[c.dtype](1.0, bt, at, beta=beta, c=c.T, trans_a=tb, trans_b=ta, overwrite_c=True)
-    if r.ctypes.data != c.ctypes.data:  # f2py had to work on a copy of c: write the result back
-        c[...] = r.T
+def _image_blocks(n, bytes_per_image):
+    """(images per block, [(start, stop), ...]): consecutive blocks of whole images of about _BLOCK_BYTES."""
+    per = max(1, min(n, _BLOCK_BYTES // max(1, bytes_per_image)))
+    return per, [(s, min(s + per, n)) for s in range(0, n, per)]
 
 
-def _conv2d_s1_dx(gm, w, xshape, padding):
-    """Input gradient of a stride-1 convolution by the shifted-rows formulation (module docstring).
+def _block_list(layout, xp, kh, kw, ho, wo, has_b):
+    """The blocks of images (start, stop) for the column buffers of :class:`_Columns` (channels-last) or
+    :class:`_PlaneColumns` (channel-major) on this padded input: about _BLOCK_BYTES of columns each."""
+    if layout == "channel-major":
+        width = kh * kw * xp.shape[0] + has_b
+        return _image_blocks(xp.shape[1], width * ho * wo * xp.itemsize)[1]
+    return _image_blocks(xp.shape[0], ho * wo * (kh * kw * xp.shape[3] + has_b) * xp.itemsize)[1]
 
-    gm: the upstream gradient as an (N*Ho*Wo, F) matrix (channels-last).  Returns an (N, C, H, W) view
-    with channels-last strides into the padded gradient (no copy out of the padded layout)."""
-    n, c, h, wd = xshape
-    f, _, kh, kw = w.shape
-    hp, wp = h + 2 * padding, wd + 2 * padding
-    ho, wo = hp - kh + 1, wp - kw + 1
-    rows = n * hp * wp
-    # Rows >= valid belong to windows that would run past the last padded row; every output pixel
-    # (n, i < Ho, j < Wo) sits below it.
-    valid = rows - (kh - 1) * wp - (kw - 1)
-    gf = np.empty((rows, f), dtype=gm.dtype)
-    g4, gs = gf.reshape(n, hp, wp, f), gm.reshape(n, ho, wo, f)
-    dxp = np.empty((rows, c), dtype=gm.dtype)
 
-    def prepare(s, e):
-        g4[s:e, :ho, :wo, :] = gs[s:e]
-        g4[s:e, ho:] = 0
-        g4[s:e, :ho, wo:] = 0
-        dxp[s * hp * wp:e * hp * wp] = 0
+def _over_blocks(part, blocks, work):
+    """``part(blocks[i0:i1])`` for consecutive parts of the block list, one per thread.  Each thread
+    gathers into its own buffer and multiplies with numpy's matmul, which releases the GIL; the GEMMs
+    are direct-kernel sized, so each runs on its own thread's core and the threads work in parallel."""
+    map_batch_split(lambda i0, i1: part(blocks[i0:i1]), len(blocks), work, min_work=1 << 18)
 
-    map_batch_split(prepare, n, gf.size)
-    gv = gf[:valid]
-    wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # wt[p, q] = W[p, q]^T, (F, C)
-    for p in range(kh):
-        for q in range(kw):
-            s = p * wp + q
-            _gemm_into(dxp[s:s + valid], gv, wt[p, q], 1.0)
-    return dxp.reshape(n, hp, wp, c)[:, padding:padding + h, padding:padding + wd, :].transpose(0, 3, 1, 2)
+
+def _weight_matrix(w, b):
+    """(KH*KW*C [+1], F): the filters as columns, rows in the (p, q, c) order of a column-matrix row, and
+    the bias as the last row when there is one (the column matrix then ends in a column of ones)."""
+    f, c, kh, kw = w.shape
+    k = kh * kw * c
+    wmat = np.empty((k + (b is not None), f), dtype=w.dtype)
+    wmat[:k] = w.transpose(2, 3, 1, 0).reshape(k, f)
+    if b is not None:
+        wmat[k] = b
+    return wmat
 
 
 def _channels_last_rows(a):
@@ -150,9 +178,110 @@ def _channels_last_rows(a):
     return a.transpose(0, 2, 3, 1).reshape(n * h * w, c)
 
 
+class _Columns:
+    """The column matrix of a channels-last convolution, one block of images at a time.
+
+    ``rows(s, e)`` gathers the (rows of) images s:e from the window view of the padded NHWC input into a
+    reused buffer (a ones column at the end when the layer has a bias) and returns them as an
+    ((e - s)*Ho*Wo, KH*KW*C [+1]) C-contiguous matrix, valid until the next call.
+    """
+
+    def __init__(self, xp, kh, kw, stride, ho, wo, has_b):
+        self.win = _windows(xp, kh, kw, stride, ho, wo)
+        self.k = kh * kw * xp.shape[3]
+        self.width = self.k + has_b
+        per = _image_blocks(xp.shape[0], ho * wo * self.width * xp.itemsize)[0]  # as in _block_list
+        self.buf = np.empty((per * ho * wo, self.width), dtype=xp.dtype)
+        if has_b:
+            self.buf[:, self.k] = 1
+
+    def rows(self, s, e):
+        _, ho, wo, kh, kw, c = self.win.shape
+        blk = self.buf[:(e - s) * ho * wo]
+        blk[:, :self.k].reshape(e - s, ho, wo, kh, kw, c)[...] = self.win[s:e]
+        return blk
+
+
+class _PlaneColumns:
+    """The transposed column matrix of a channel-major convolution (few input channels), blockwise.
+
+    ``images(s, e)`` returns an (e - s, KH*KW*C [+1], Ho*Wo) C-contiguous array: for each image of the
+    block its transposed column matrix, gathered plane by plane (runs of whole image rows) from the padded
+    (C, N, Hp, Wp) input into a reused buffer.
+    """
+
+    def __init__(self, xp, kh, kw, stride, ho, wo, has_b):
+        self.planes = _cm_planes(xp, kh, kw, stride, ho, wo)
+        self.shape = (kh, kw, xp.shape[0], ho, wo)
+        self.k, self.width = kh * kw * xp.shape[0], kh * kw * xp.shape[0] + has_b
+        per = _image_blocks(xp.shape[1], self.width * ho * wo * xp.itemsize)[0]  # as in _block_list
+        self.buf = np.empty((per, self.width, ho * wo), dtype=xp.dtype)
+        if has_b:
+            self.buf[:, self.k] = 1
+
+    def images(self, s, e):
+        kh, kw, c, ho, wo = self.shape
+        blk = self.buf[:e - s]
+        b6 = blk[:, :self.k].reshape(e - s, kh, kw, c, ho, wo)
+        for p, q, plane in self.planes:
+            b6[:, p, q] = plane[:, s:e].transpose(1, 0, 2, 3)
+        return blk
+
+
+class _ShiftedRowsDx:
+    """Input gradient of a stride-1 convolution by the shifted-rows formulation (module docstring), in
+    blocks of a few images (each GEMM direct-kernel sized), spread over the threads: a block's upstream
+    gradient is copied into the interior of a zero-padded buffer, and the KH*KW GEMMs run on row-shifted
+    views of it, their products added into the block's rows of the padded input gradient (numpy's matmul
+    cannot accumulate, but releases the GIL; the adds run on contiguous rows in cache).  ``dx()`` is the
+    (N, C, H, W) view with channels-last strides into the padded gradient (no copy)."""
+
+    def __init__(self, gmat, w, xshape, padding):
+        n, c, h, wd = xshape
+        f, _, kh, kw = w.shape
+        self.hp, self.wp = h + 2 * padding, wd + 2 * padding
+        self.ho, self.wo = self.hp - kh + 1, self.wp - kw + 1
+        self.kh, self.kw, self.padding, self.xshape = kh, kw, padding, xshape
+        self.gs = gmat.reshape(n, self.ho, self.wo, f)
+        self.wt = np.ascontiguousarray(w.transpose(2, 3, 0, 1))  # wt[p, q] = W[p, q]^T, (F, C)
+        tail = (kh - 1) * self.wp + (kw - 1)
+        self.per = max(1, min(n, (_direct_rows(f, c) + tail) // (self.hp * self.wp)))
+        self.dxp = np.empty((n * self.hp * self.wp, c), dtype=gmat.dtype)
+
+    def part(self, blocks):
+        f, c = self.wt.shape[2:]
+        img, wp = self.hp * self.wp, self.wp
+        gbuf = np.zeros((self.per, self.hp, self.wp, f), dtype=self.dxp.dtype)  # the border stays zero
+        gv = gbuf.reshape(-1, f)
+        wt = self.wt.reshape(-1, f, c)
+        prods = np.empty((len(wt), len(gv), c), dtype=self.dxp.dtype)
+        for s, e in blocks:
+            gbuf[:e - s, :self.ho, :self.wo] = self.gs[s:e]
+            # Rows >= valid belong to windows that would run past the block's last padded row; every
+            # output pixel (n, i < Ho, j < Wo) sits below it.
+            valid = (e - s) * img - (self.kh - 1) * wp - (self.kw - 1)
+            pv = prods[:, :valid]
+            np.matmul(gv[:valid], wt, out=pv)  # the KH*KW products g @ W[p, q]^T, one stacked matmul
+            d = self.dxp[s * img:e * img]
+            d[:valid] = pv[0]  # offset (0, 0)
+            d[valid:] = 0
+            for p in range(self.kh):
+                for q in range(self.kw):
+                    o = p * wp + q
+                    if o:
+                        d[o:o + valid] += pv[p * self.kw + q]
+
+    def dx(self):
+        n, c, h, wd = self.xshape
+        blocks = [(s, min(s + self.per, n)) for s in range(0, n, self.per)]
+        _over_blocks(self.part, blocks, self.dxp.size * self.kh * self.kw)
+        pad = self.padding
+        return self.dxp.reshape(n, self.hp, self.wp, c)[:, pad:pad + h, pad:pad + wd, :].transpose(0, 3, 1, 2)
+
+
 def _conv2d(x, w, b, stride, padding):
     """Checked conv2d: (out, cache) with ``out`` a channels-last (N, F, Ho, Wo) view of the GEMM result."""
-    V.float_array(x, "x", ndim=4, shape_doc="(N, C, H, W)")
+    checked_4d(x, "x", "(N, C, H, W)")
     V.float_array(w, "w", ndim=4, shape_doc="(F, C, KH, KW)")
     V.same_dtype([x, w], ["x", "w"])
     stride, padding = _check_conv_hyper(stride, padding)
@@ -170,112 +299,45 @@ def _conv2d(x, w, b, stride, padding):
     if b is not None:
         param(b, "b", (f,), "(F,)", x)
     ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    m = ho * wo
+    wmat = _weight_matrix(w, b)
+    out = np.empty((n * m, f), dtype=x.dtype)  # channels-last: row (n, i, j), one column per filter
+    has_b = b is not None
     if kw * c < _MIN_CHANNELS_LAST_RUN:
-        return _conv2d_cm_forward(x, w, b, stride, padding, ho, wo)
-    xp = _nhwc_padded(x, padding)
-    win = _windows(xp, kh, kw, stride, ho, wo)
-    # The column matrix in blocks of whole images, each below _COLS_BLOCK_BYTES: allocations that size
-    # are recycled by malloc from one step to the next, while larger ones are fresh pages from the kernel
-    # every time (page faults cost as much as the copy).  The copies are split over the threads.
-    per = max(1, _COLS_BLOCK_BYTES // max(1, win[0].nbytes))
-    blocks = [(s, min(s + per, n)) for s in range(0, n, per)]
-    cols = [None] * len(blocks)
-    k = kh * kw * c
-    # With a bias, every column row ends in a 1 and the weight matrix in b: the GEMM adds the bias, and
-    # in the backward the same GEMM that gives dW gives db = sum of g as its last row.
-    width = k + (b is not None)
+        # Channel-major: the padded input (C, N, Hp, Wp); image i's output rows are cols_i @ wmat, BLAS
+        # reading the image's transposed columns cols_i^T (K, Ho*Wo) with the transpose flag.
+        xp = np.zeros((c, n, hp, wp), dtype=x.dtype)
+        xp[:, :, padding:padding + h, padding:padding + wd] = x.transpose(1, 0, 2, 3)
+        layout = "channel-major"
 
-    def gather(i0, i1):
-        for i in range(i0, i1):
-            s, e = blocks[i]
-            blk = np.empty(((e - s) * ho * wo, width), dtype=x.dtype)
-            blk[:, :k].reshape(e - s, ho, wo, kh, kw, c)[...] = win[s:e]
-            if b is not None:
-                blk[:, k] = 1
-            cols[i] = blk
+        def part(blocks):
+            cols = _PlaneColumns(xp, kh, kw, stride, ho, wo, has_b)
+            for s, e in blocks:  # one stacked matmul: a GEMM per image, the loop in numpy
+                np.matmul(cols.images(s, e).transpose(0, 2, 1), wmat, out=out[s * m:e * m].reshape(e - s, m, f))
+    else:
+        xp = _nhwc_padded(x, padding)
+        layout = "channels-last"
+        step = _direct_rows(wmat.shape[0], f)
 
-    map_batch_split(gather, len(blocks), win.size, min_work=1 << 20)
-    wmat = np.empty((f, width), dtype=x.dtype)  # rows: filters; columns in the order of the column matrix
-    wmat[:, :k] = w.transpose(0, 2, 3, 1).reshape(f, k)
-    if b is not None:
-        wmat[:, k] = b
-    out = np.empty((n * ho * wo, f), dtype=x.dtype)
-    for (s, e), blk in zip(blocks, cols):
-        _gemm_into(out[s * ho * wo:e * ho * wo], blk, wmat.T, 0.0)
+        def part(blocks):
+            cols = _Columns(xp, kh, kw, stride, ho, wo, has_b)
+            for s, e in blocks:
+                blk, o = cols.rows(s, e), out[s * m:e * m]
+                q = len(blk) // step * step  # pieces of `step` rows as one stacked matmul, then the rest
+                np.matmul(blk[:q].reshape(-1, step, blk.shape[1]), wmat, out=o[:q].reshape(-1, step, f))
+                np.matmul(blk[q:], wmat, out=o[q:])
+
+    _over_blocks(part, _block_list(layout, xp, kh, kw, ho, wo, has_b), n * m * wmat.shape[0])
     y = out.reshape(n, ho, wo, f).transpose(0, 3, 1, 2)
-    return y, ((blocks, cols), w, x.shape, stride, padding, b is not None)
+    # The padded input, not the column matrix, is kept: the backward gathers the columns again block by
+    # block (a copy within the cache costs less than writing the whole matrix to memory and reading it back).
+    return y, (layout, xp, w, x.shape, stride, padding, b is not None)
 
 
 def _cm_planes(a, kh, kw, stride, ho, wo):
     """The KH*KW strided (C, N, Ho, Wo) views a[:, :, p::stride, q::stride] of a channel-major array."""
     return [(p, q, a[:, :, p:p + stride * (ho - 1) + 1:stride, q:q + stride * (wo - 1) + 1:stride])
             for p in range(kh) for q in range(kw)]
-
-
-def _conv2d_cm_forward(x, w, b, stride, padding, ho, wo):
-    """Channel-major im2col, for few input channels (the RGB input layer), where channels-last windows
-    would be copied in runs of only KW*C numbers.  The padded input is stored (C, N, Hp, Wp), and the
-    transposed column matrix (KH*KW*C [+1], N*Ho*Wo) is gathered plane by plane in runs of whole image
-    rows; out^T = W_mat @ cols^T is then (F, N, Ho, Wo), returned as an (N, F, Ho, Wo) view."""
-    n, c, h, wd = x.shape
-    f, _, kh, kw = w.shape
-    k = kh * kw * c
-    width = k + (b is not None)  # a row of ones: the GEMM adds the bias and the dW GEMM gives db
-    xp = np.zeros((c, n, h + 2 * padding, wd + 2 * padding), dtype=x.dtype)
-    xp[:, :, padding:padding + h, padding:padding + wd] = x.transpose(1, 0, 2, 3)
-    planes = _cm_planes(xp, kh, kw, stride, ho, wo)
-    per = max(1, _COLS_BLOCK_BYTES // max(1, width * ho * wo * x.itemsize))
-    blocks = [(s, min(s + per, n)) for s in range(0, n, per)]
-    cols = [None] * len(blocks)
-
-    def gather(i0, i1):
-        for i in range(i0, i1):
-            s, e = blocks[i]
-            blk = np.empty((width, e - s, ho, wo), dtype=x.dtype)
-            b6 = blk[:k].reshape(kh, kw, c, e - s, ho, wo)
-            for p, q, plane in planes:
-                b6[p, q] = plane[:, s:e]
-            if b is not None:
-                blk[k] = 1
-            cols[i] = blk.reshape(width, -1)
-
-    map_batch_split(gather, len(blocks), n * width * ho * wo, min_work=1 << 20)
-    wmat = np.empty((f, width), dtype=x.dtype)  # columns in the (p, q, c) order of the column rows
-    wmat[:, :k] = w.transpose(0, 2, 3, 1).reshape(f, k)
-    if b is not None:
-        wmat[:, k] = b
-    out = np.empty((f, n * ho * wo), dtype=x.dtype)
-    m = ho * wo
-    for (s, e), blk in zip(blocks, cols):
-        np.matmul(wmat, blk, out=out[:, s * m:e * m])
-    y = out.reshape(f, n, ho, wo).transpose(1, 0, 2, 3)
-    return y, ("channel-major", (blocks, cols), w, x.shape, stride, padding, b is not None)
-
-
-def _conv2d_cm_grads(cache, grad_out, need_dx):
-    """Backward of :func:`_conv2d_cm_forward`: dW (and db) = g^T cols blockwise; dx by a channel-major
-    col2im (plane-wise slice-adds)."""
-    (blocks, cols), w, xshape, stride, padding, has_b = cache
-    n, c, h, wd = xshape
-    f, _, kh, kw = w.shape
-    k = kh * kw * c
-    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
-    g = upstream(grad_out, (n, f, ho, wo), w.dtype)
-    gt = g.transpose(1, 0, 2, 3).reshape(f, n * ho * wo)  # a view when g has the layout of the output
-    m = ho * wo
-    dwm = np.zeros((f, k + has_b), dtype=w.dtype)
-    for (s, e), blk in zip(blocks, cols):
-        dwm += gt[:, s * m:e * m] @ blk.T
-    dw = np.ascontiguousarray(dwm[:, :k].reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
-    db = dwm[:, k].copy() if has_b else None
-    if not need_dx:
-        return None, dw, db
-    wmat = w.transpose(2, 3, 1, 0).reshape(k, f)  # rows in the (p, q, c) order
-    dcols = (wmat @ gt).reshape(kh, kw, c, n, ho, wo)
-    dxp = np.zeros((c, n, h + 2 * padding, wd + 2 * padding), dtype=w.dtype)
-    for p, q, plane in _cm_planes(dxp, kh, kw, stride, ho, wo):
-        plane += dcols[p, q]
-    return dxp[:, :, padding:padding + h, padding:padding + wd].transpose(1, 0, 2, 3), dw, db
 
 
 def conv2d_forward(x, w, b, *, stride=1, padding=0):
@@ -289,10 +351,10 @@ def conv2d_forward(x, w, b, *, stride=1, padding=0):
     (dilation 1, groups 1, zero padding).  out and the backward's dx are C-contiguous NCHW arrays
     (:func:`conv2d_forward_strided` skips that final copy).
 
-    Computed by im2col: an (N*Ho*Wo, KH*KW*C) column matrix (strided view + one copy) times the
-    reshaped weights, a single GEMM; the columns are reused for the weight gradient (one GEMM).  The input
-    gradient: KH*KW accumulated GEMMs on row-shifted views for stride 1, col2im otherwise (module
-    docstring).
+    Computed by im2col: the (N*Ho*Wo, KH*KW*C) column matrix (strided view + one copy) times the reshaped
+    weights, in blocks of images that stay in cache; the backward gathers the blocks again for the weight
+    gradient.  The input gradient: KH*KW accumulated GEMMs on row-shifted views for stride 1, col2im
+    otherwise (module docstring).
 
     Reference: LeCun et al. 1998 (Proc. IEEE), "Gradient-based learning applied to document recognition";
     Chellapilla, Puri & Simard 2006 (im2col); PyTorch torch/nn/modules/conv.py.
@@ -304,8 +366,8 @@ def conv2d_forward(x, w, b, *, stride=1, padding=0):
 
 def conv2d_forward_strided(x, w, b, *, stride=1, padding=0):
     """:func:`conv2d_forward` without the final copy to a C-contiguous array: ``out`` (and the backward's
-    ``dx``) is an (N, F, Ho, Wo) view of the GEMM result, with channels-last strides (channel-major ones
-    on the few-channel path).  Same values, same cache protocol (:func:`conv2d_backward`,
+    ``dx``) is an (N, F, Ho, Wo) view of the GEMM result, with channels-last strides (``dx`` has
+    channel-major ones on the few-channel path).  Same values, same cache protocol (:func:`conv2d_backward`,
     :func:`conv2d_param_grads`).
 
     This is what :class:`refssl.nn.Conv2d` calls: the next layers (ReLU, pooling, batch norm, ...) accept
@@ -331,25 +393,55 @@ def conv2d_param_grads(cache, grad_out):
 
 
 def _conv2d_grads(cache, grad_out, need_dx):
-    if cache[0] == "channel-major":
-        dx, dw, db = _conv2d_cm_grads(cache[1:-1], grad_out, need_dx)
-        return (np.ascontiguousarray(dx) if cache[-1] and dx is not None else dx), dw, db
-    (blocks, cols), w, xshape, stride, padding, has_b, contiguous = cache
+    layout, xp, w, xshape, stride, padding, has_b, contiguous = cache
     n, c, h, wd = xshape
     f, _, kh, kw = w.shape
     ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
-    g = upstream(grad_out, (n, f, ho, wo), w.dtype)
+    m, k = ho * wo, kh * kw * c
+    g = checked_upstream(grad_out, (n, f, ho, wo), w.dtype)
     gmat = _channels_last_rows(g)
-    k = kh * kw * c
-    dwm = np.empty((k + has_b, f), dtype=w.dtype)  # the ones column of the columns gives db as last row
-    for i, ((s, e), blk) in enumerate(zip(blocks, cols)):
-        _gemm_into(dwm, blk.T, gmat[s * ho * wo:e * ho * wo], 0.0 if i == 0 else 1.0)
+    channel_major = layout == "channel-major"
+    width = k + has_b  # the ones column of the columns gives db as the last row of dW
+    blocks = _block_list(layout, xp, kh, kw, ho, wo, has_b)
+    # One partial dW per block of images, summed in block order at the end: the result does not depend on
+    # how the blocks were spread over the threads.
+    partial = [None] * len(blocks)
+    index = {blk: i for i, blk in enumerate(blocks)}
+
+    def part(own):
+        # Stacked matmuls (a GEMM per piece, the loop in numpy), the pieces' products summed in order.
+        if channel_major:
+            cols = _PlaneColumns(xp, kh, kw, stride, ho, wo, has_b)
+            for s, e in own:  # cols_i^T (K, Ho*Wo) times g_i (Ho*Wo, F) for each image i
+                gb = gmat[s * m:e * m].reshape(e - s, m, f)
+                partial[index[s, e]] = np.matmul(cols.images(s, e), gb).sum(axis=0)
+        else:
+            cols, step = _Columns(xp, kh, kw, stride, ho, wo, has_b), _direct_rows(width, f)
+            for s, e in own:
+                blk, gb = cols.rows(s, e), gmat[s * m:e * m]
+                q = len(blk) // step * step
+                acc = np.matmul(blk[:q].reshape(-1, step, width).transpose(0, 2, 1),
+                                gb[:q].reshape(-1, step, f)).sum(axis=0)
+                acc += blk[q:].T @ gb[q:]
+                partial[index[s, e]] = acc
+
+    _over_blocks(part, blocks, n * m * width)
+    dwm = partial[0]
+    for acc in partial[1:]:
+        dwm += acc
     dw = np.ascontiguousarray(dwm[:k].reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
     db = dwm[k].copy() if has_b else None
     if not need_dx:
         return None, dw, db
-    if stride == 1:
-        dx = _conv2d_s1_dx(gmat, w, xshape, padding)
+    if stride == 1 and not channel_major:
+        dx = _ShiftedRowsDx(gmat, w, xshape, padding).dx()
+    elif channel_major:
+        wm = w.transpose(2, 3, 1, 0).reshape(k, f)  # rows in the (p, q, c) order
+        dcols = (wm @ gmat.T).reshape(kh, kw, c, n, ho, wo)
+        dxp = np.zeros((c, n, h + 2 * padding, wd + 2 * padding), dtype=w.dtype)
+        for p, q, plane in _cm_planes(dxp, kh, kw, stride, ho, wo):
+            plane += dcols[p, q]
+        dx = dxp[:, :, padding:padding + h, padding:padding + wd].transpose(1, 0, 2, 3)
     else:
         # d cols = gmat @ wmat, computed per kernel offset so that col2im reads contiguous blocks.
         w_offsets = w.transpose(2, 3, 0, 1).reshape(kh * kw, f, c)  # (KH*KW, F, C)

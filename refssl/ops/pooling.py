@@ -9,10 +9,11 @@ from .. import validation as V
 from .._blocks import map_batch_split
 from ..registry import register
 from ._layer_checks import upstream
+from .conv import checked_4d, checked_upstream
 
 
 def _pool_setup(x, kernel, stride):
-    V.float_array(x, "x", ndim=4, shape_doc="(N, C, H, W)")
+    checked_4d(x, "x", "(N, C, H, W)")  # V.float_array, fast for channels-last views
     kernel = V.positive_int(kernel, "kernel")
     stride = kernel if stride is None else V.positive_int(stride, "stride")
     n, c, h, w = x.shape
@@ -91,7 +92,7 @@ register(
 )
 
 
-_POOL_CHUNK = 1 << 17  # input bytes per pass of the 2x2 path: its temporaries stay in cache
+_POOL_CHUNK = 1 << 19  # input bytes per pass of the 2x2 path: its temporaries stay in (L2) cache
 
 
 def _quadrants(a, ho, wo):
@@ -116,17 +117,24 @@ def _axis_order(a):
     return tuple(sorted(range(a.ndim), key=lambda i: -abs(a.strides[i])))
 
 
-def _max_pool2x2_forward(x, ho, wo):
+def _max_pool2x2_forward(x, ho, wo, relu=False):
     """Non-overlapping 2x2 windows: out = max(max(x00, x01), max(x10, x11)) with the choice recorded as
-    three boolean planes: ``top`` (the top row holds a maximum), ``left0`` / ``left1`` (the left entry is
-    a maximum of the top / bottom row).  With >= throughout, this picks the first maximum in row-major
-    window order: top if max(x00, x01) >= max(x10, x11), then left if x00 >= x01 (resp. x10 >= x11)."""
+    boolean planes: ``top`` (the top row holds a maximum), ``left0`` / ``left1`` (the left entry is a
+    maximum of the top / bottom row).  With >= throughout, this picks the first maximum in row-major
+    window order: top if max(x00, x01) >= max(x10, x11), then left if x00 >= x01 (resp. x10 >= x11).
+
+    ``relu=True`` returns relu(out) instead, and the routing planes of relu(max_pool(x)):
+    ``top`` and ``bottom`` are then (top row chosen, resp. bottom row) AND out > 0, so the backward sends
+    the upstream gradient to the chosen entry only where the pooled value is positive.  Otherwise
+    ``bottom`` is None (the backward takes the complement of ``top``)."""
     n, c = x.shape[:2]
     order = _axis_order(x)  # outputs in the input's layout: every pass below reads and writes in order
     out = _empty_in_layout((n, c, ho, wo), x.dtype, order)
-    choice = [_empty_in_layout((n, c, ho, wo), bool, order) for _ in range(3)]  # top, left0, left1
+    top, left0, left1 = (_empty_in_layout((n, c, ho, wo), bool, order) for _ in range(3))
+    bottom = _empty_in_layout((n, c, ho, wo), bool, order) if relu else None
     x00, x01, x10, x11 = _quadrants(x, ho, wo)
     per = max(1, _POOL_CHUNK // max(1, x[0].nbytes))
+    zero = x.dtype.type(0)
 
     def part(s, e):
         for a in range(s, e, per):
@@ -134,19 +142,25 @@ def _max_pool2x2_forward(x, ho, wo):
             r0 = np.maximum(x00[a:b], x01[a:b])
             r1 = np.maximum(x10[a:b], x11[a:b])
             np.maximum(r0, r1, out=out[a:b])
-            np.greater_equal(r0, r1, out=choice[0][a:b])
-            np.greater_equal(x00[a:b], x01[a:b], out=choice[1][a:b])
-            np.greater_equal(x10[a:b], x11[a:b], out=choice[2][a:b])
+            np.greater_equal(r0, r1, out=top[a:b])
+            np.greater_equal(x00[a:b], x01[a:b], out=left0[a:b])
+            np.greater_equal(x10[a:b], x11[a:b], out=left1[a:b])
+            if relu:
+                o = out[a:b]
+                np.maximum(o, zero, out=o)
+                positive = o > zero
+                np.logical_and(top[a:b], positive, out=top[a:b])
+                np.logical_xor(positive, top[a:b], out=bottom[a:b])  # positive and not top
 
     map_batch_split(part, n, x.size)
-    return out, (choice, order)
+    return out, ((top, bottom, left0, left1), order)
 
 
 def _max_pool2x2_backward(choice, order, g, xshape, dtype):
     """Route g to the recorded entry: (top, left0) -> x00, (top, not left0) -> x01, and so on.
 
     g * mask is g or (signed) zero exactly, and g - g * mask the complement, so every window receives
-    exactly its g, at one entry."""
+    exactly its g, at one entry (or, after a fused ReLU, none where the pooled value is not positive)."""
     n, c, h, w = xshape
     ho, wo = g.shape[2:]
     # A row or column cut off by the 2x2 grid (odd H or W) gets no gradient: only then zero-fill.
@@ -154,14 +168,14 @@ def _max_pool2x2_backward(choice, order, g, xshape, dtype):
     if (h, w) != (2 * ho, 2 * wo):
         dx.fill(0)
     d00, d01, d10, d11 = _quadrants(dx, ho, wo)
-    top, left0, left1 = choice
+    top, bottom, left0, left1 = choice
     per = max(1, _POOL_CHUNK // max(1, 4 * g[0].nbytes))
 
     def part(s, e):
         for a in range(s, e, per):
             b = min(a + per, e)
             gt = g[a:b] * top[a:b]
-            gb = g[a:b] - gt
+            gb = g[a:b] - gt if bottom is None else g[a:b] * bottom[a:b]
             np.multiply(gt, left0[a:b], out=d00[a:b])
             np.subtract(gt, d00[a:b], out=d01[a:b])
             np.multiply(gb, left1[a:b], out=d10[a:b])
@@ -169,6 +183,34 @@ def _max_pool2x2_backward(choice, order, g, xshape, dtype):
 
     map_batch_split(part, n, 4 * g.size)
     return dx
+
+
+def relu_max_pool2x2_forward(x):
+    """ReLU followed by 2x2 max pooling (kernel = stride = 2), in one pass over x.
+
+        out[n, c, i, j] = max(0, max_{p, q < 2} x[n, c, 2i + p, 2j + q])
+                        = max_pool2d(relu(x), kernel=2)[n, c, i, j]
+
+    (relu is monotone, so it commutes with the max).  Shapes: x (N, C, H, W) -> out (N, C, H//2, W//2),
+    in the memory layout of x.  The backward sends each upstream gradient to the first maximum of its
+    window in row-major order when the pooled value is positive, and nowhere otherwise: exactly what
+    ``relu_backward(max_pool2d_backward(g))`` gives (where the pooled value is positive the first
+    maximum of relu(x) is the first maximum of x; elsewhere the ReLU derivative is 0).
+
+    Not a registered op: the private path :class:`refssl.nn.Sequential` takes for a ``ReLU`` followed by
+    a ``MaxPool2d(2)``, which saves the ReLU's two passes over the full-size activation.  Its pieces are
+    the registered ``relu`` and ``max_pool2d``.  Backward: derivations/layers_backward.md#max_pool2d.
+    """
+    _, _, ho, wo = _pool_setup(x, 2, 2)
+    out, (choice, order) = _max_pool2x2_forward(x, ho, wo, relu=True)
+    return out, (x.shape, x.dtype, choice, order)
+
+
+def relu_max_pool2x2_backward(cache, grad_out):
+    """dx: the upstream gradient at the first maximum of each window whose pooled value is positive."""
+    xshape, dtype, choice, order = cache
+    g = checked_upstream(grad_out, choice[0].shape, dtype)
+    return (_max_pool2x2_backward(choice, order, g, xshape, dtype),)
 
 
 def max_pool2d_forward(x, *, kernel=2, stride=None):
@@ -206,7 +248,7 @@ def max_pool2d_backward(cache, grad_out):
     """The output gradient is routed to the arg-max entry of each window."""
     if cache[0] == "2x2":
         _, xshape, dtype, choice, order = cache
-        g = upstream(grad_out, choice[0].shape, dtype)
+        g = checked_upstream(grad_out, choice[0].shape, dtype)
         return (_max_pool2x2_backward(choice, order, g, xshape, dtype),)
     _, xshape, dtype, k, stride, arg = cache
     g = upstream(grad_out, arg.shape, dtype)
