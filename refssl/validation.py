@@ -92,6 +92,10 @@ def _all_finite(x: np.ndarray) -> bool:
     exact elementwise test decides, so the answer is always the exact one.
     """
     # Below about 16k entries the boolean test is cheaper than the dot product with its errstate.
+    if x.size >= _DOT_SCAN_MIN and x.dtype in FLOAT_DTYPES:
+        if not x.flags.c_contiguous:
+            # a transposed or channels-last view of contiguous memory: the same entries in memory order
+            x = x.transpose(np.argsort(x.strides, kind="stable")[::-1])
     if x.size >= _DOT_SCAN_MIN and x.flags.c_contiguous and x.dtype in FLOAT_DTYPES:
         flat = x.reshape(-1)
         with np.errstate(over="ignore", invalid="ignore"):

@@ -174,3 +174,15 @@ def test_finite_output_names_the_hyperparameters():
     assert V.finite_output(np.float32(1.0), "op", t=2.0) == 1.0
     with pytest.raises(ValueError, match="op: the output overflows float32 with t=1e-300"):
         V.finite_output(np.float32(np.inf), "op", t=1e-300)
+
+
+@pytest.mark.parametrize("view", ["transpose", "channels_last", "strided"])
+def test_finiteness_scan_of_large_non_contiguous_views(view):
+    from refssl.validation import _all_finite
+
+    base = np.random.default_rng(0).random((4, 16, 16, 64)).astype(np.float32)  # above the dot-scan size
+    make = {"transpose": lambda a: a.T, "channels_last": lambda a: a.transpose(0, 3, 1, 2),
+            "strided": lambda a: a[:, ::2]}[view]
+    assert _all_finite(make(base))
+    base[3, 14, 2, 60] = np.inf
+    assert not _all_finite(make(base))
