@@ -93,14 +93,13 @@ def _all_finite(x: np.ndarray) -> bool:
     """
     # Below about 16k entries the boolean test is cheaper than the dot product with its errstate.
     if x.size >= _DOT_SCAN_MIN and x.dtype in FLOAT_DTYPES:
-        if not x.flags.c_contiguous:
-            # a transposed or channels-last view of contiguous memory: the same entries in memory order
-            x = x.transpose(np.argsort(x.strides, kind="stable")[::-1])
-    if x.size >= _DOT_SCAN_MIN and x.flags.c_contiguous and x.dtype in FLOAT_DTYPES:
-        flat = x.reshape(-1)
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(np.dot(flat, flat)):
-                return True
+        # a transposed or channels-last view of contiguous memory: the same entries in memory order
+        ordered = x if x.flags.c_contiguous else x.transpose(np.argsort(x.strides, kind="stable")[::-1])
+        if ordered.flags.c_contiguous:
+            flat = ordered.reshape(-1)
+            with np.errstate(over="ignore", invalid="ignore"):
+                if np.isfinite(np.dot(flat, flat)):
+                    return True
     return bool(np.isfinite(x).all())
 
 

@@ -226,7 +226,8 @@ class TransformerStack(Module):
         """(outputs of every block, caches).
 
         NaN/inf are checked at the stack's boundary (its input, its parameters, its output; in backward
-        the upstream gradients and the input gradient) rather than by each of the ~20 ops per block (see :func:`refssl.validation.inputs_scanned_by_caller`).
+        the upstream gradients and the input gradient) rather than by each of the ~20 ops per block
+        (see :func:`refssl.validation.inputs_scanned_by_caller`).
         """
         V.float_array(x, "x", ndim=3, shape_doc="(B, L, D)")
         _scan_boundary(((f"params[{k!r}]", v) for k, v in params.items()), "the stack's parameters")
@@ -236,8 +237,9 @@ class TransformerStack(Module):
                 x, c, _ = blk.forward(subdict(params, str(i)), {}, x, key_mask=key_mask)
                 outs.append(x)
                 caches.append(c)
-        _scan_boundary(((f"the output of block {i}", o) for i, o in enumerate(outs[-1:], len(outs) - 1)),
-                       "an intermediate overflowed the dtype")
+        if outs:
+            _scan_boundary([(f"the output of block {len(outs) - 1}", outs[-1])],
+                           "an intermediate overflowed the dtype")
         return outs, caches
 
     def forward(self, params, state, x, *, train=True, key_mask=None):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.linalg import blas
 
 from .. import validation as V
 from .._blocks import map_row_blocks
