@@ -10,10 +10,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures are written to files; no display needed
-# The networks here are small: multi-threaded BLAS gains little on their matrices and loses several times
-# over when other processes share the cores.  One thread unless the caller chose otherwise.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# The BLAS threads were pinned by the package's __init__, which Python imports before this module.
 
 from refssl.runtime import keep_freed_memory  # noqa: E402
 
