@@ -107,6 +107,17 @@ def _world(local: np.ndarray, gathered: np.ndarray, rank, local_name: str, gathe
     return k, rank
 
 
+def _paired_views(arrays, names, rank) -> tuple[int, int]:
+    """Checks shared by the two-view losses: the local views (a, b) and their gathered counterparts
+    (a_all, b_all), in that order, are 2-d float arrays, each pair of one shape, the gathered rows the K
+    shards of the local ones; returns (K, rank)."""
+    for a, nm in zip(arrays, names):
+        V.float_array(a, nm, ndim=2, shape_doc="(N, D)")
+    V.same_shape(list(arrays[:2]), list(names[:2]))
+    V.same_shape(list(arrays[2:]), list(names[2:]))
+    return _world(arrays[0], arrays[2], rank, names[0], names[2])
+
+
 def reduce_gradients(local_grads, gathered_grads, *, axis: int = 0) -> list:
     """The backward of a gradient-carrying all_gather, for all ranks at once.
 
@@ -197,11 +208,7 @@ def _offset(rank, n, offset_labels):
 
 # ----------------------------------------------------------------------------------------- info_nce
 def _info_nce_rank(z1, z2, z1_all, z2_all, rank, temperature, offset_labels):
-    for a, nm in ((z1, "z1"), (z2, "z2"), (z1_all, "z1_all"), (z2_all, "z2_all")):
-        V.float_array(a, nm, ndim=2, shape_doc="(N, D)")
-    V.same_shape([z1, z2], ["z1", "z2"])
-    V.same_shape([z1_all, z2_all], ["z1_all", "z2_all"])
-    _, rank = _world(z1, z1_all, rank, "z1", "z1_all")
+    _, rank = _paired_views((z1, z2, z1_all, z2_all), ("z1", "z2", "z1_all", "z2_all"), rank)
     tau = V.positive(temperature, "temperature")
     n, n_g = z1.shape[0], z1_all.shape[0]
     u_loc, c_loc = _normalize(np.concatenate([z1, z2]))          # (2n, D): anchors
@@ -286,11 +293,7 @@ def clip_rank(img, txt, img_all, txt_all, logit_scale, *, rank):
     Reference: Radford et al. 2021, arXiv 2103.00020; mlfoundations/open_clip src/open_clip/loss.py
     (ClipLoss, gather_features).  Derivation: derivations/contrastive_backward.md#clip.
     """
-    for a, nm in ((img, "img"), (txt, "txt"), (img_all, "img_all"), (txt_all, "txt_all")):
-        V.float_array(a, nm, ndim=2, shape_doc="(N, D)")
-    V.same_shape([img, txt], ["img", "txt"])
-    V.same_shape([img_all, txt_all], ["img_all", "txt_all"])
-    k, rank = _world(img, img_all, rank, "img", "img_all")
+    k, rank = _paired_views((img, txt, img_all, txt_all), ("img", "txt", "img_all", "txt_all"), rank)
     s = V.scalar_array(logit_scale, "logit_scale")
     n = img.shape[0]
     scale = np.exp(s)
@@ -373,11 +376,7 @@ def supcon_rank_backward(cache, grad_out=1.0):
 
 # ------------------------------------------------------------------------------------------ moco_v3
 def _moco_v3_rank(q1, q2, k1_all, k2_all, rank, temperature, offset_labels):
-    for a, nm in ((q1, "q1"), (q2, "q2"), (k1_all, "k1_all"), (k2_all, "k2_all")):
-        V.float_array(a, nm, ndim=2, shape_doc="(N, D)")
-    V.same_shape([q1, q2], ["q1", "q2"])
-    V.same_shape([k1_all, k2_all], ["k1_all", "k2_all"])
-    k, rank = _world(q1, k1_all, rank, "q1", "k1_all")
+    k, rank = _paired_views((q1, q2, k1_all, k2_all), ("q1", "q2", "k1_all", "k2_all"), rank)
     tau = V.positive(temperature, "temperature")
     n = q1.shape[0]
     qh1, cq1 = _normalize(q1)
