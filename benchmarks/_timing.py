@@ -68,3 +68,21 @@ def blas_info() -> str:
         libs = ["(threadpoolctl not installed: kernel not shown)"]
     runtime = "; ".join(_runtime_notes) or "default runtime"
     return f"BLAS: {'; '.join(libs)}; OpenBLAS overrides: {env or 'none'}\nruntime: {runtime}"
+
+
+def torch_nt_xent_step(torch, z1, z2, tau):
+    """A callable running forward + backward of the NT-Xent loss in torch autograd on copies of the numpy
+    views z1, z2 (N, D): cosine logits / tau, self-similarity masked, cross-entropy to the partner view, the
+    formula refssl's info_nce computes (the comparison in the contrastive benchmarks)."""
+    n = z1.shape[0]
+    tz1, tz2 = torch.from_numpy(z1).requires_grad_(True), torch.from_numpy(z2).requires_grad_(True)
+    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    eye = torch.eye(2 * n, dtype=torch.bool)
+
+    def step():
+        tz1.grad = tz2.grad = None
+        uu = torch.nn.functional.normalize(torch.cat([tz1, tz2]), dim=1)
+        logits = (uu @ uu.T / tau).masked_fill(eye, float("-inf"))
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+
+    return step

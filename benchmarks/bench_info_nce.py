@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from _timing import median_ms, set_threads
+from _timing import median_ms, set_threads, torch_nt_xent_step
 
 
 def main(argv=None) -> int:
@@ -73,18 +73,7 @@ def main(argv=None) -> int:
                 t_ours = median_ms(ours, args.repeats)
                 t_torch = float("nan")
                 if torch is not None:
-                    tz1 = torch.from_numpy(z1).requires_grad_(True)
-                    tz2 = torch.from_numpy(z2).requires_grad_(True)
-                    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
-                    eye = torch.eye(2 * n, dtype=torch.bool)
-
-                    def theirs():
-                        tz1.grad = tz2.grad = None
-                        uu = torch.nn.functional.normalize(torch.cat([tz1, tz2]), dim=1)
-                        logits = (uu @ uu.T / tau).masked_fill(eye, float("-inf"))
-                        torch.nn.functional.cross_entropy(logits, labels).backward()
-
-                    t_torch = median_ms(theirs, args.repeats)
+                    t_torch = median_ms(torch_nt_xent_step(torch, z1, z2, tau), args.repeats)
                 print(f"{n:>5} {d:>4} {dtype_name:>7} | {t_ours:>9.2f} {floor:>9.2f} {t_torch:>9.2f} | "
                       f"{t_ours / floor:>6.2f} {t_ours / t_torch:>6.2f}", flush=True)
     return 0
