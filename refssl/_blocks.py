@@ -18,6 +18,7 @@ __all__ = ["map_row_blocks", "map_batch_split", "num_threads"]
 
 _MIN_PARALLEL_ROWS = 512
 _pool: ThreadPoolExecutor | None = None
+_CORES = os.cpu_count() or 1  # read once: os.cpu_count() is a system call (~20 us), and this is asked per op
 
 
 def num_threads() -> int:
@@ -26,7 +27,7 @@ def num_threads() -> int:
         value = os.environ.get(var, "")
         if value.isdigit() and int(value) > 0:
             return int(value)
-    return max(1, min(8, os.cpu_count() or 1))
+    return max(1, min(8, _CORES))
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -43,12 +44,18 @@ def map_row_blocks(fn, n_rows: int, block: int = 128) -> None:
     off; ``fn`` must only write rows ``start:stop`` of its outputs.
     """
     bounds = [(s, min(s + block, n_rows)) for s in range(0, n_rows, block)]
-    if n_rows < _MIN_PARALLEL_ROWS or num_threads() == 1:
+    # A single block runs inline: handing it to a pool thread and waiting costs a thread switch and saves
+    # nothing (a small batch makes many such calls per step).
+    if n_rows < _MIN_PARALLEL_ROWS or len(bounds) == 1 or num_threads() == 1:
         for s, e in bounds:
             fn(s, e)
         return
-    for fut in [_executor().submit(fn, s, e) for s, e in bounds]:
-        fut.result()
+    futs = [_executor().submit(fn, s, e) for s, e in bounds[1:]]
+    try:
+        fn(*bounds[0])  # the calling thread takes the first block instead of waiting idle
+    finally:
+        for fut in futs:
+            fut.result()
 
 
 def map_batch_split(fn, n: int, work: int, min_work: int = 1 << 18) -> None:

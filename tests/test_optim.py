@@ -172,3 +172,72 @@ def test_adam_on_a_zero_dim_parameter_keeps_arrays():
         p, s = opt.step(p, {"scale": np.array(0.5, np.float32)}, s)
     assert isinstance(p["scale"], np.ndarray) and p["scale"].dtype == np.float32
     np.testing.assert_allclose(p["scale"], 1.8, rtol=1e-6)  # two steps of lr against a constant gradient
+
+
+def _model_like_params(rng, dtype):
+    """Several small arrays of a model, weights and the biases / norm parameters that skip weight decay,
+    plus a 0-d scale, in an order that interleaves the two kinds."""
+    shapes = {"enc.w": (5, 4), "enc.b": (4,), "norm.gamma": (4,), "head.w": (4, 3), "norm.beta": (4,),
+              "scale": (), "head.b": (3,)}
+    return {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("opt", [optim.Adam(lr=0.05, weight_decay=0.1, exclude=optim.bias_or_norm),
+                                 optim.AdamW(lr=0.05, betas=(0.9, 0.95), weight_decay=0.05,
+                                             exclude=optim.bias_or_norm),
+                                 optim.AdamW(lr=0.05)], ids=repr)
+def test_adam_all_parameters_at_once_equals_one_at_a_time(opt, dtype, monkeypatch):
+    """Many small arrays are updated as one flat buffer: it must give the per-array update bit for bit
+    (the same element operations), keep the dict's keys, shapes (0-d included) and dtypes, and not alias
+    the inputs."""
+    rng = np.random.default_rng(3)
+    params = _model_like_params(rng, dtype)
+    grads = [{k: rng.standard_normal(v.shape).astype(dtype) for k, v in params.items()} for _ in range(3)]
+    runs = []
+    for flat_limit in (1 << 15, 0):  # 0: every parameter through the per-array path
+        monkeypatch.setattr(optim.Adam, "_FLAT_MAX_MEAN_SIZE", flat_limit)
+        p, s = params, opt.init(params)
+        for g in grads:
+            p, s = opt.step(p, g, s, lr=0.03)
+        runs.append((p, s))
+    (pf, sf), (pa, sa) = runs
+    assert list(pf) == list(params) and sf.keys() == sa.keys()
+    for k in params:
+        assert pf[k].shape == params[k].shape and pf[k].dtype == dtype and isinstance(pf[k], np.ndarray)
+        assert np.array_equal(pf[k], pa[k]), k
+    for k in sa:
+        assert np.array_equal(sf[k], sa[k]), k
+    assert not np.array_equal(pf["enc.w"], params["enc.w"])
+
+
+def test_adam_all_at_once_matches_torch_param_groups():
+    """The flat path against torch.optim.AdamW with two parameter groups (decayed, and biases / norms
+    without decay), over several steps."""
+    torch = pytest.importorskip("torch", reason="torch not installed: the cross-check against torch.optim skips")
+    rng = np.random.default_rng(11)
+    params = _model_like_params(rng, np.float64)
+    opt = optim.AdamW(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, exclude=optim.bias_or_norm)
+    tp = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in params.items()}
+    topt = torch.optim.AdamW([{"params": [t for k, t in tp.items() if not optim.bias_or_norm(k)]},
+                              {"params": [t for k, t in tp.items() if optim.bias_or_norm(k)], "weight_decay": 0.0}],
+                             lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    p, s = params, opt.init(params)
+    for _ in range(4):
+        g = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+        p, s = opt.step(p, g, s)
+        for k, t in tp.items():
+            t.grad = torch.tensor(g[k])
+        topt.step()
+        for k, t in tp.items():
+            np.testing.assert_allclose(p[k], t.detach().numpy(), rtol=1e-13, atol=1e-15, err_msg=k)
+
+
+def test_adam_all_at_once_names_a_nonfinite_gradient():
+    opt = optim.AdamW()
+    params = _model_like_params(np.random.default_rng(0), np.float32)
+    grads = {k: np.ones_like(v) for k, v in params.items()}
+    grads["head.w"] = grads["head.w"].copy()
+    grads["head.w"][1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"grads\['head.w'\] contains NaN or inf"):
+        opt.step(params, grads, opt.init(params))
