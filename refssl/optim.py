@@ -45,7 +45,7 @@ def _never(name: str) -> bool:
     return False
 
 
-def _check_grads(params, grads, finite=True):
+def _check_grads(params, grads):
     missing = set(params) - set(grads)
     extra = set(grads) - set(params)
     if missing or extra:
@@ -55,7 +55,7 @@ def _check_grads(params, grads, finite=True):
         g = grads[k]
         if not isinstance(g, np.ndarray) or g.shape != p.shape:
             raise ValueError(f"grads[{k!r}] must have shape {p.shape}, got {getattr(g, 'shape', type(g))}")
-        if finite and not V.all_finite(g):
+        if not V.all_finite(g):
             raise ValueError(f"grads[{k!r}] contains NaN or inf")
 
 
@@ -131,45 +131,6 @@ class Adam(_Optimizer):
         self.beta2 = V.in_range(betas[1], "betas[1]", 0.0, 1.0, high_open=True)
         self.eps = V.in_range(eps, "eps", 0.0, math.inf)
 
-    # Below this many numbers per parameter on average, the update runs once on all parameters laid end to
-    # end (_step_flat): a model of many small arrays (the toy MAE: 48 arrays, ~3,000 numbers each) spends
-    # most of a per-array update in numpy's per-call overhead.  Larger arrays are updated one at a time,
-    # which avoids copying them into and out of one buffer.
-    _FLAT_MAX_MEAN_SIZE = 1 << 15
-
-    def step(self, params: dict, grads: dict, state: dict, lr: float | None = None):
-        dtypes = {p.dtype for p in params.values()}
-        if (len(params) < 2 or len(dtypes) != 1
-                or sum(p.size for p in params.values()) > self._FLAT_MAX_MEAN_SIZE * len(params)):
-            return super().step(params, grads, state, lr)
-        _check_grads(params, grads, finite=False)
-        lr = self.lr if lr is None else V.in_range(lr, "lr", 0.0, math.inf)
-        return self._step_flat(params, grads, state, lr, int(state["step"]) + 1)
-
-    def _step_flat(self, params, grads, state, lr, t):
-        """The update of :meth:`_update` on every parameter at once, element for element the same operations
-        (so bit for bit the same result): parameters, gradients and moments are laid end to end, the
-        weight-decayed ones first, so the decay is one slice; the results are views of new flat arrays."""
-        keys = sorted(params, key=lambda k: not self._decay(k))  # stable: decayed first, else dict order
-        n_decayed = sum(1 for k in keys if self._decay(k))
-        ends = np.cumsum([params[k].size for k in keys])
-        g = np.concatenate([grads[k].reshape(-1) for k in keys])
-        if not V.all_finite(g):
-            _check_grads(params, grads)  # names the offending gradient
-        w = np.concatenate([params[k].reshape(-1) for k in keys])  # new arrays: updated in place below
-        nd = int(ends[n_decayed - 1]) if n_decayed else 0
-        if self._decoupled:
-            w[:nd] *= 1.0 - lr * self.weight_decay
-        else:
-            g[:nd] += self.weight_decay * w[:nd]
-        w, bufs = self._adam(w, g, {s: np.concatenate([state[f"{s}/{k}"].reshape(-1) for k in keys])
-                                    for s in self.slots}, lr, t)
-        new_params, new_state = {}, {"step": np.asarray(t, dtype=np.int64)}
-        for k, a, b in zip(keys, np.concatenate([[0], ends[:-1]]), ends):
-            new_params[k] = w[a:b].reshape(params[k].shape)
-            new_state.update({f"{s}/{k}": buf[a:b].reshape(params[k].shape) for s, buf in bufs.items()})
-        return {k: new_params[k] for k in params}, new_state
-
     def _update(self, name, w, grad, bufs, lr, t):
         wd = self._decay(name)
         if self._decoupled:
@@ -177,9 +138,6 @@ class Adam(_Optimizer):
             w = w * (1.0 - lr * wd)
         else:
             g = grad + wd * w
-        return self._adam(w, g, bufs, lr, t)
-
-    def _adam(self, w, g, bufs, lr, t):
         # In PyTorch's order (torch/optim/adam.py, single-tensor path): m and v by linear interpolation,
         # denom = sqrt(v) / sqrt(1 - b2^t) + eps, w - (lr / (1 - b1^t)) m / denom.  Four new arrays
         # (m, v, the step, w); the other passes run in place on them.
