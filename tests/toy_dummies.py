@@ -109,3 +109,19 @@ def results(root, names, seeds):
             run = json.loads((Path(root) / name / f"seed-{seed}" / "metrics.json").read_text())
             out[name, seed] = {k: run[k] for k in RESULT_KEYS}
     return out
+
+
+def blas_run(seed, n):
+    """One independent run for tests/test_toy_runs.py: BLAS products of the seed's random numbers."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 64)).astype(np.float32)
+    for _ in range(5):
+        x = np.tanh(x @ rng.standard_normal((64, 64)).astype(np.float32) / 8)
+    return seed, x, os.getpid()
+
+
+def failing_run(seed):
+    if seed == 1:
+        raise ValueError(f"run {seed} failed")
+    time.sleep(0.2)
+    return seed

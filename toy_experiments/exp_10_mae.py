@@ -40,8 +40,8 @@ from refssl.nn.mae import MAE
 from refssl.nn.transformer import no_decay
 
 from . import common
-from .common import _ProgressStream
 from .framework import Outcome, experiment, markdown_table
+from .runs import cpu_seconds, run_each
 
 __all__ = ["run", "RATIOS", "removed_patch_mse"]
 
@@ -68,14 +68,14 @@ def _mean_patch_mse(train_images, val_images, mask_img):
     return float(err.sum() / mask_img.sum())
 
 
-def _train(ctx, ds, *, ratio, norm_pix, steps, batch, lr, seed_offset):
-    """Train one MAE; returns (model, initial params, trained params, per-step losses, CPU seconds)."""
+def _train(seed, images, ratio, norm_pix, steps, batch, lr, seed_offset):
+    """Train one MAE (a run of :func:`toy_experiments.runs.run_each`, possibly in another process); returns
+    (initial params, trained params, per-step losses, CPU seconds, the trainer's progress lines)."""
     model = MAE(mask_ratio=ratio, norm_pix=norm_pix, **ARCH)
     # Same initialisation for every run (the untrained baseline is this init), different data order.
-    p0 = model.init(np.random.default_rng(ctx.seed), np.float32)
-    data_rng = np.random.default_rng(ctx.seed * 1000 + 31 + seed_offset)
-    mask_rng = np.random.default_rng(ctx.seed * 1000 + 57 + seed_offset)
-    images = ds.train.images
+    p0 = model.init(np.random.default_rng(seed), np.float32)
+    data_rng = np.random.default_rng(seed * 1000 + 31 + seed_offset)
+    mask_rng = np.random.default_rng(seed * 1000 + 57 + seed_offset)
 
     def objective(params, step):
         x = images[data_rng.choice(len(images), size=batch, replace=False)]
@@ -83,13 +83,11 @@ def _train(ctx, ds, *, ratio, norm_pix, steps, batch, lr, seed_offset):
 
     opt = optim.AdamW(lr=lr, betas=(0.9, 0.95), weight_decay=0.05, exclude=no_decay)
     sched = optim.CosineSchedule(lr, steps, warmup_steps=max(1, steps // 20))
-    name = _run_name(ratio, norm_pix)
-    stream = _ProgressStream(ctx, f"MAE {name}")
-    ctx.progress(f"train MAE {name}: {steps} steps, batch {batch}")
+    log = []
     t0 = time.process_time()
-    params, losses = fit(objective, p0, opt, steps, lr_schedule=sched,
-                         log=lambda m: print(m, file=stream), log_every=max(1, steps // 4))
-    return model, p0, params, losses, time.process_time() - t0
+    params, losses = fit(objective, p0, opt, steps, lr_schedule=sched, log=log.append,
+                         log_every=max(1, steps // 4))
+    return p0, params, losses, time.process_time() - t0, log
 
 
 def _mosaic(rows, pad=2, value=1.0):
@@ -176,7 +174,7 @@ def run(ctx):
     import matplotlib
 
     matplotlib.use("Agg")
-    cpu0 = time.process_time()
+    cpu0 = cpu_seconds()
     n_train = ctx.pick(tiny=128, quick=1500, full=4000)
     n_val = ctx.pick(tiny=64, quick=500, full=1000)
     # Below ~500 steps every run sits on the plateau of predicting the mean image (measured while choosing
@@ -197,10 +195,20 @@ def run(ctx):
 
     runs, shown, probes = {}, {}, {}
     n_show = ctx.pick(tiny=4, quick=8, full=10)
-    for i, (ratio, norm_pix) in enumerate(grid):
+    # The runs share nothing: trained side by side on the idle cores (toy_experiments/runs.py; the numbers
+    # are those of training them one after another), then evaluated here in order.
+    for ratio, norm_pix in grid:
+        ctx.progress(f"train MAE {_run_name(ratio, norm_pix)}: {steps} steps, batch {batch}")
+
+    def trained(i, result):
+        for line in result[4]:
+            ctx.progress(f"  MAE {_run_name(*grid[i])}: {line}")
+
+    results = run_each(_train, [(ctx.seed, ds.train.images, ratio, norm_pix, steps, batch, lr, i)
+                                for i, (ratio, norm_pix) in enumerate(grid)], done=trained)
+    for i, ((ratio, norm_pix), (p0, params, losses, secs, _)) in enumerate(zip(grid, results)):
         name = _run_name(ratio, norm_pix)
-        model, p0, params, losses, secs = _train(ctx, ds, ratio=ratio, norm_pix=norm_pix, steps=steps,
-                                                 batch=batch, lr=lr, seed_offset=i)
+        model = MAE(mask_ratio=ratio, norm_pix=norm_pix, **ARCH)
         # The same validation masks for every run at one ratio (a fixed rng per ratio).
         mse, recon, mask_img = removed_patch_mse(model, params, ds.val.images,
                                                  np.random.default_rng(ctx.seed * 1000 + int(100 * ratio)), ratio)
@@ -274,7 +282,7 @@ def run(ctx):
     notes += ("\n\nWith 16 patches the ratios keep 12, 8, 4 and 1 visible patches. The probe features are the mean "
               "of the final (normed) patch tokens of the encoder run on all 16 patches, as in MAE's linear-probe "
               "protocol apart from the pooling (the paper probes the CLS token).")
-    metrics = {"cpu_seconds": time.process_time() - cpu0, "runs": runs, "probes": probes, "checks": checks,
+    metrics = {"cpu_seconds": cpu_seconds() - cpu0, "runs": runs, "probes": probes, "checks": checks,
                "removed_mse_by_ratio": dict(zip([str(r) for r in RATIOS], plain)),
                "shape_linear": {name: shape_lin(name) for name in probes}}
     return Outcome(metrics=metrics, table=table, met=met, verdict=verdict, figures=figs, notes=notes)

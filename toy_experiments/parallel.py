@@ -22,6 +22,10 @@ Where the jobs run:
   worker (Dask's nanny starts workers with one thread anyway; the limit is per process, so give the workers
   one thread each, ``dask worker --nthreads 1``, when the client asks for another thread count than theirs).
 
+A job run in this process may train an experiment's independent models side by side on the idle cores
+(:mod:`toy_experiments.runs`; ``mae`` does); a job in a pool or on Dask trains them one after another, its
+cores being the pool's.
+
 Results do not depend on where a job ran: a job's numbers are a function of (experiment, level, seed) and
 the BLAS thread count, which every report records.
 """
@@ -45,6 +49,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")  # also in spawned workers, which imp
 from refssl.nn.io import replace_dir  # noqa: E402
 from refssl.runtime import keep_freed_memory  # noqa: E402
 
+from . import runs  # noqa: E402
 from .framework import (EXPERIMENTS, Experiment, _duration, _jsonable, _verdict_word, make_staging,  # noqa: E402
                         run_in_folder, suite_estimate, write_index)
 from .seeds import seed_folder, write_aggregate  # noqa: E402
@@ -68,6 +73,7 @@ class Job:
     shown_as: str = ""  # where the result will end up, for the progress line
     label: str | None = None  # starts the progress lines of the run (None: the experiment's name)
     blas_threads: int | None = None  # run under this BLAS thread limit (threadpoolctl), None: as the process is
+    run_workers: int | None = None  # processes for the experiment's independent runs (runs.py), None: the cores
 
 
 def _experiment(job: Job) -> Experiment:
@@ -96,7 +102,7 @@ def run_job(job: Job) -> dict:
     path."""
     exp = _experiment(job)
     keep_freed_memory()  # speed only (refssl/runtime.py); this process runs experiments and nothing else
-    with _thread_limit(job.blas_threads):
+    with _thread_limit(job.blas_threads), runs.workers(job.run_workers):
         if job.folder is not None:
             summary, _ = run_in_folder(exp, level=job.level, seed=job.seed, folder=job.folder,
                                        shown_as=job.shown_as, label=job.label)
@@ -320,6 +326,8 @@ def run_suite(exps: list[Experiment], *, level: str, seeds: list[int], dests: di
                     job = replace(job, folder=str(folder_for(job)))
                 else:
                     job = replace(job, blas_threads=blas)
+                if not isinstance(runner, _InProcess):  # its cores are the pool's (a Dask worker may not fork)
+                    job = replace(job, run_workers=1)
                 if isinstance(runner, _InProcess) and show_progress:
                     remaining = [job.name] + [j.name for j in jobs]
                     print(f"[suite {finished + 1}/{total}, {_duration(time.perf_counter() - t0)} elapsed, "
