@@ -50,12 +50,8 @@ def map_row_blocks(fn, n_rows: int, block: int = 128) -> None:
         for s, e in bounds:
             fn(s, e)
         return
-    futs = [_executor().submit(fn, s, e) for s, e in bounds[1:]]
-    try:
-        fn(*bounds[0])  # the calling thread takes the first block instead of waiting idle
-    finally:
-        for fut in futs:
-            fut.result()
+    for fut in [_executor().submit(fn, s, e) for s, e in bounds]:
+        fut.result()
 
 
 def map_batch_split(fn, n: int, work: int, min_work: int = 1 << 18) -> None:
