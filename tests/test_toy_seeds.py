@@ -216,3 +216,18 @@ def test_usage_errors(args, message, dummies, capsys, tmp_path):
         main(["run", "toy_dummy_b", "--tiny", "--out", str(tmp_path / "x"), *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_independent_runs_use_the_cores_in_process_and_not_inside_a_pool(dummies, tmp_path):
+    """An experiment's independent runs (toy_experiments/runs.py) go to a pool of their own when the job runs
+    in the command's process, and stay in the job's process inside a --workers pool, whose cores are taken;
+    the numbers are the same either way."""
+    exp = dummies["toy_dummy_runs"]
+    got = {}
+    for where, workers in (("here", None), ("pool", 2)):
+        run_suite([exp], level="tiny", seeds=[0], dests={exp.name: tmp_path / where}, workers=workers,
+                  stream=io.StringIO())
+        got[where] = json.loads((tmp_path / where / "metrics.json").read_text())["metrics"]
+    assert got["here"]["pooled"] is ((os.cpu_count() or 1) > 1)
+    assert got["pool"]["pooled"] is False
+    assert got["here"]["sums"] == got["pool"]["sums"]

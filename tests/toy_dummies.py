@@ -16,7 +16,7 @@ import numpy as np
 
 from toy_experiments import framework as fw
 
-NAMES = ("toy_dummy_a", "toy_dummy_b", "toy_dummy_slow", "toy_dummy_fail")
+NAMES = ("toy_dummy_a", "toy_dummy_b", "toy_dummy_slow", "toy_dummy_fail", "toy_dummy_runs")
 
 
 def _figure(ctx, values):
@@ -69,8 +69,18 @@ def _run_fail(ctx):
     return fw.Outcome(metrics={"x": 1.0}, table="", met=True, verdict="fine")
 
 
+def _run_runs(ctx):
+    """Two independent runs through toy_experiments.runs: reports whether they ran in other processes."""
+    from toy_experiments import runs
+
+    out = runs.run_each(blas_run, [(ctx.seed, 128), (ctx.seed + 1, 128)])
+    return fw.Outcome(metrics={"sums": [float(x.sum(dtype=np.float64)) for _, x, _ in out],
+                               "pooled": any(pid != os.getpid() for _, _, pid in out)},
+                      table="", met=None, verdict="ran")
+
+
 _RUNS = {"toy_dummy_a": (_run_a, 901), "toy_dummy_b": (_run_b, 902), "toy_dummy_slow": (_run_slow, 903),
-         "toy_dummy_fail": (_run_fail, 904)}
+         "toy_dummy_fail": (_run_fail, 904), "toy_dummy_runs": (_run_runs, 905)}
 
 
 def register():
