@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import signal
 import time
+
+try:
+    import resource
+except ImportError:  # not on Windows: the children's CPU time is then not counted
+    resource = None
 
 __all__ = ["run_each", "workers", "cpu_seconds"]
 
@@ -91,5 +95,7 @@ def run_each(fn, calls: list[tuple], *, done=None) -> list:
 def cpu_seconds() -> float:
     """CPU seconds of this process and of its finished child processes (the pool of :func:`run_each` is
     joined before it returns, so its runs are counted wherever they ran)."""
+    if resource is None:
+        return time.process_time()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + children.ru_utime + children.ru_stime
