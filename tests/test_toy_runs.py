@@ -52,3 +52,14 @@ def test_mae_results_do_not_depend_on_the_number_of_processes(tmp_path):
         out[n] = _without_timings(json.loads((tmp_path / str(n) / "metrics.json").read_text()))
     assert out[1]["metrics"]["runs"]["r=0.25"]["losses"]  # the comparison below compares something
     assert out[1] == out[2]
+
+
+@pytest.mark.skipif(runs.resource is None, reason="no resource module (Windows): children's CPU time is not counted")
+def test_cpu_seconds_count_the_runs_done_in_the_pool():
+    import time
+
+    c0, p0 = runs.cpu_seconds(), time.process_time()
+    with runs.workers(2):
+        runs.run_each(toy_dummies.burn, [(0.4,), (0.4,)])
+    assert runs.cpu_seconds() - c0 >= 0.75  # the two runs' CPU time, spent in the workers
+    assert time.process_time() - p0 < 0.4  # not in this process

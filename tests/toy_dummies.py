@@ -135,3 +135,11 @@ def failing_run(seed):
         raise ValueError(f"run {seed} failed")
     time.sleep(0.2)
     return seed
+
+
+def burn(seconds):
+    """Busy for ``seconds`` of CPU time (tests/test_toy_runs.py counts it from the parent)."""
+    t0 = time.process_time()
+    while time.process_time() - t0 < seconds:
+        pass
+    return seconds
