@@ -28,10 +28,19 @@ def test_pool_gives_the_sequential_results_in_order():
     assert __import__("os").getpid() not in {r[2] for r in pooled}  # workers(2): elsewhere
 
 
-def test_a_failing_run_raises_here_and_leaves_no_worker():
-    before = set(multiprocessing.active_children())  # other tests' (a Dask cluster's) are not ours
+def test_a_failing_run_raises_here_and_stops_the_others():
+    """Run 1 fails while run 0 has 30 s to go: the error is raised here at once and no worker is left
+    running (other tests' child processes, a Dask cluster's or a pool still shutting down, are not ours)."""
+    import time
+
+    before = set(multiprocessing.active_children())
+    t0 = time.monotonic()
     with runs.workers(2), pytest.raises(ValueError, match="run 1 failed"):
         runs.run_each(toy_dummies.failing_run, [(0,), (1,), (2,), (3,)])
+    assert time.monotonic() - t0 < 20
+    deadline = time.monotonic() + 5
+    while not set(multiprocessing.active_children()) <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert set(multiprocessing.active_children()) <= before
 
 

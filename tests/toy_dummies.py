@@ -131,9 +131,10 @@ def blas_run(seed, n):
 
 
 def failing_run(seed):
+    """Run 1 fails at once; the others would take 30 s (unless the pool is stopped)."""
     if seed == 1:
         raise ValueError(f"run {seed} failed")
-    time.sleep(0.2)
+    time.sleep(30)
     return seed
 
 
