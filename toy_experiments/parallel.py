@@ -36,7 +36,6 @@ import contextlib
 import importlib
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -156,12 +155,6 @@ class _InProcess:
         pass
 
 
-def _worker_init():
-    # Ctrl-C reaches the whole process group; the main process handles it (stops the pool, removes its
-    # staging folders), so a worker must not die of it on its own with a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class _Pool:
     """A local pool of spawned worker processes."""
 
@@ -174,7 +167,7 @@ class _Pool:
         self.capacity = self.slots = workers
         self.where = f"in {workers} worker processes"
         self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_init)
+                                            initializer=runs.ignore_sigint)
 
     def submit(self, job):
         return self.executor.submit(run_job, job)
@@ -187,15 +180,7 @@ class _Pool:
         return future, future.result()
 
     def abort(self, handles):
-        # Stop the running jobs too: their staging folders are removed next, which must not happen under a
-        # live writer.  (Python >= 3.14 has executor.terminate_workers() for this.)
-        processes = list((getattr(self.executor, "_processes", None) or {}).values())
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        for p in processes:
-            if p.is_alive():
-                p.terminate()
-        for p in processes:
-            p.join(timeout=30)
+        runs.stop_pool(self.executor)  # no worker may still write into a staging folder removed next
 
     def close(self):
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -25,7 +25,7 @@ try:
 except ImportError:  # not on Windows: the children's CPU time is then not counted
     resource = None
 
-__all__ = ["run_each", "workers", "cpu_seconds"]
+__all__ = ["run_each", "workers", "cpu_seconds", "ignore_sigint", "stop_pool"]
 
 _workers: int | None = None  # None: one process per core
 
@@ -41,9 +41,27 @@ def workers(n: int | None):
         _workers = previous
 
 
-def _init():
-    # Ctrl-C reaches the whole process group; the parent stops the pool, a worker must not die on its own.
+def ignore_sigint():
+    """Initializer of a pool worker: Ctrl-C reaches the whole process group, and the parent stops the pool
+    (:func:`stop_pool`), so a worker must not die of it on its own with a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_pool(executor) -> None:
+    """Shut a ProcessPoolExecutor down without waiting, and stop its running jobs too: their results are no
+    longer wanted (and a caller may remove folders they write into).  Python >= 3.14 has
+    ``executor.terminate_workers()`` for this."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=30)
+
+
+def _init():
+    ignore_sigint()
     from refssl.runtime import keep_freed_memory
 
     keep_freed_memory()  # speed only, as in the parent (refssl/runtime.py)
@@ -80,13 +98,7 @@ def run_each(fn, calls: list[tuple], *, done=None) -> list:
                 if done is not None:
                     done(futures[fut], results[futures[fut]])
     except BaseException:
-        processes = list((getattr(executor, "_processes", None) or {}).values())
-        executor.shutdown(wait=False, cancel_futures=True)
-        for p in processes:
-            if p.is_alive():
-                p.terminate()
-        for p in processes:
-            p.join(timeout=30)
+        stop_pool(executor)
         raise
     executor.shutdown(wait=True)
     return results
