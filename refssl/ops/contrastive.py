@@ -7,6 +7,7 @@ negative, and an anchor never contrasts with itself.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -76,15 +77,10 @@ def _mirror_below(m, s, t):
         m[c:c + _ROWS, s:t] = m[s:t, c:c + _ROWS].T
 
 
-_lower_masks: dict[int, np.ndarray] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _on_and_below_diagonal(k):
-    """(k, k) bool mask of the diagonal and the part below it (cached: one per block size)."""
-    mask = _lower_masks.get(k)
-    if mask is None:
-        mask = _lower_masks.setdefault(k, np.tri(k, dtype=bool))
-    return mask
+    """(k, k) bool mask of the diagonal and the part below it (cached: one per block size; read only)."""
+    return np.tri(k, dtype=bool)
 
 
 def _swap_views(a, n):
