@@ -108,7 +108,7 @@ def _tanh_poly_chunk(x, out, t, coeffs, t_max):
     first); ``t`` is scratch of x's size, ``x`` is only read.  Horner's scheme, two passes per degree."""
     c = [np.float32(v) for v in coeffs]
     with np.errstate(over="ignore"):  # x^2 and x Q of huge finite x overflow to inf: tanh(+-inf) = +-1
-        np.multiply(x, x, out=t)
+        np.square(x, out=t)
         np.minimum(t, np.float32(t_max), out=t)
         np.multiply(t, c[-1], out=out)
         for k in range(len(c) - 2, 0, -1):
@@ -184,7 +184,7 @@ def gelu_backward(cache, grad_out):
     # One pass per chunk, in dx's slot: x phi(x) + Phi(x), times g.
     def chunk(s, e):
         xs, t = xf[s:e], dx[s:e]
-        np.multiply(xs, xs, out=t)
+        np.square(xs, out=t)
         t *= neg_half
         np.exp(t, out=t)
         t *= c
