@@ -51,6 +51,34 @@ def times(fn, repeats: int, warmup: int = 1) -> list[float]:
     return out
 
 
+# torch's OpenMP workers (libgomp) keep spinning for a few milliseconds after each parallel region.  A numpy
+# call timed right after a torch call shares the cores with them: an (8320 x 128) (128 x 384) float32 GEMM
+# took 12.6 ms right after a torch GEMM and 5.4-6.2 ms 10 ms or more later (2 threads, 2026-11-30).  So an
+# interleaved loop pauses, untimed, before every timed call: each library starts on idle cores, as it
+# would in a process of its own.
+SETTLE_S = 0.02
+
+
+def interleaved(fns, repeats: int, warmup: int = 1, clock=time.perf_counter, settle: float = SETTLE_S):
+    """Milliseconds of ``repeats`` calls of each fn, taken in turn (a, b, c, b, c, a, c, a, b, ...) so that a
+    change in the machine's speed during the run falls on all of them alike.  The order rotates every
+    round, so no fn always follows the same other one, and every timed call comes after an untimed pause of
+    ``settle`` seconds (see SETTLE_S)."""
+    for f in fns:
+        for _ in range(warmup):
+            f()
+    out = [[] for _ in fns]
+    order = list(range(len(fns)))
+    for _ in range(repeats):
+        for i in order:
+            time.sleep(settle)
+            t0 = clock()
+            fns[i]()
+            out[i].append(1e3 * (clock() - t0))
+        order = order[1:] + order[:1]
+    return out
+
+
 def median_ms(fn, repeats: int) -> float:
     """Median wall time of ``fn`` in milliseconds."""
     ts = sorted(times(fn, repeats))

@@ -7,8 +7,10 @@ same network (same weights, loaded from refssl's dict; the loss and every gradie
 tolerance before anything is timed) in autograd.
 
 The machine this runs on is shared, so the timings are noisy: the refssl and torch steps are run
-interleaved in one process (a, b, a, b, ...), so that a change of load falls on both alike, and the
-medians are reported, with the median of the per-pair ratios.  The per-layer table times every layer of
+interleaved in one process (in turn, the order rotating every round, each timed call after a short untimed
+pause so that neither library's idle threads still spin when the other starts: ``_timing.interleaved``), so
+that a change of load falls on both alike, and the medians are reported, with the median of the per-pair
+ratios.  The per-layer table times every layer of
 both networks the same way (forward and backward separately, on the step's shapes, the upstream gradient
 in the memory layout of the layer's output for refssl and contiguous for torch); a ReLU followed by a 2x2
 max-pool is one row, as refssl's Sequential runs the pair as one fused op.  Layers timed one at a time
@@ -28,9 +30,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
-from _timing import blas_info, set_threads, use_checkout
+from _timing import blas_info, interleaved, set_threads, use_checkout
 
 
 def _parse(argv):
@@ -41,20 +42,6 @@ def _parse(argv):
     ap.add_argument("--norm", choices=["none", "batch"], default="none")
     ap.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     return ap.parse_args(argv)
-
-
-def interleaved(fns, repeats: int, warmup: int = 1) -> list[list[float]]:
-    """Milliseconds of ``repeats`` calls of each fn, taken in turn (a, b, a, b, ...)."""
-    for f in fns:
-        for _ in range(warmup):
-            f()
-    out = [[] for _ in fns]
-    for _ in range(repeats):
-        for f, ts in zip(fns, out):
-            t0 = time.perf_counter()
-            f()
-            ts.append(1e3 * (time.perf_counter() - t0))
-    return out
 
 
 

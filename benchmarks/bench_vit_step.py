@@ -24,8 +24,9 @@ OpenBLAS builds, slow a current numpy, so they are unset for this command only):
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_vit_step.py --threads 2
 
 On a machine shared with other jobs the wall clock measures the other jobs too (calls are interleaved,
-refssl, torch, refssl, ..., so that load falls on both alike, but BLAS threads that wait on each other
-suffer most).  Then ``--threads 1 --clock cpu`` gives single-thread CPU time, which other processes change
+refssl, torch, refssl, ..., the order rotating every round, so that load falls on both alike, but BLAS
+threads that wait on each other suffer most; each timed call follows a short untimed pause, so that torch's
+OpenMP threads no longer spin when refssl starts: ``_timing.interleaved``).  Then ``--threads 1 --clock cpu`` gives single-thread CPU time, which other processes change
 far less (only through shared caches and cores):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_vit_step.py --threads 1 --clock cpu
@@ -40,7 +41,7 @@ import os
 import sys
 import time
 
-from _timing import blas_info, set_threads, use_checkout
+from _timing import blas_info, interleaved, set_threads, use_checkout
 
 CLASSES = 10
 _clock = time.perf_counter  # --clock cpu: time.process_time
@@ -57,21 +58,6 @@ def _parse(argv):
                     help="cpu: process CPU time, insensitive to other processes on a shared machine; "
                          "meaningful with --threads 1 only (with more, it adds up the threads, spin-waits included)")
     return ap.parse_args(argv)
-
-
-def interleaved(fns, repeats: int, warmup: int = 1) -> list[list[float]]:
-    """Milliseconds of ``repeats`` calls of each fn, taken in turn (a, b, c, a, b, c, ...) so that a change
-    in the machine's load during the run falls on all of them alike."""
-    for f in fns:
-        for _ in range(warmup):
-            f()
-    out = [[] for _ in fns]
-    for _ in range(repeats):
-        for f, ts in zip(fns, out):
-            t0 = _clock()
-            f()
-            ts.append(1e3 * (_clock() - t0))
-    return out
 
 
 def _median(ts):
@@ -174,7 +160,7 @@ def main(argv=None) -> int:
     r = args.repeats
     load0 = os.getloadavg()[0]
     runs = dict(zip(("refssl", "exp", "sdpa"),
-                    interleaved([refssl_step, lambda: torch_step(False), lambda: torch_step(True)], r)))
+                    interleaved([refssl_step, lambda: torch_step(False), lambda: torch_step(True)], r, clock=_clock)))
     med = {k: _median(v) for k, v in runs.items()}
     best = {k: min(v) for k, v in runs.items()}
     print(f"\nstep (forward + backward), median of {r} (best), {args.clock} clock; machine load average "
@@ -184,6 +170,9 @@ def main(argv=None) -> int:
           f"{med['refssl'] / med['exp']:.2f}x")
     print(f"  torch, scaled_dot_product    {med['sdpa']:8.1f} ms  ({best['sdpa']:.1f})   refssl / torch = "
           f"{med['refssl'] / med['sdpa']:.2f}x   (target <= 1.5x)")
+    per_round = sorted(a / b for a, b in zip(runs["refssl"], runs["sdpa"]))
+    print(f"  refssl / torch-SDPA round by round: median {_median(per_round):.2f}x, middle half "
+          f"{per_round[len(per_round) // 4]:.2f}-{per_round[(3 * len(per_round)) // 4]:.2f}x")
 
     if args.model == "vit" and not args.no_layers:
         layer_table(vit, params, images, labels, r, med, np, torch, tv)
@@ -297,7 +286,7 @@ def layer_table(vit, params, images, labels, repeats, med, np, torch, tv):
     for name in ORDER + ["attention op", "attention written out"]:  # refssl and torch timed in turn
         fns = ([ref[name][1], ref[name][2]] if name in ref else []) + \
               ([tch[name][1], tch[name][2]] if name in tch else [])
-        runs = [_median(r) for r in interleaved(fns, repeats)]
+        runs = [_median(r) for r in interleaved(fns, repeats, clock=_clock)]
         if name in ref:
             t[name], runs = tuple(runs[:2]), runs[2:]
         if name in tch:
