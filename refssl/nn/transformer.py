@@ -26,6 +26,7 @@ Parameters are flat dicts with dotted names (``"blocks.0.attn.qkv.w"``); the las
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -144,6 +145,19 @@ def _ln_init(d, dtype):
 
 # -- block -------------------------------------------------------------------------------------------
 
+class BlockCache(NamedTuple):
+    """What :meth:`TransformerBlock.backward` needs: the op caches, and the shape and dtype of the block's
+    input (= its output), against which a stack checks the upstream gradient."""
+    ln1: tuple
+    attn: tuple
+    ln2: tuple
+    fc1: tuple
+    act: tuple
+    fc2: tuple
+    shape: tuple
+    dtype: np.dtype
+
+
 class TransformerBlock(Module):
     """Pre-norm transformer block (ViT, MAE, BEiT; BERT-style encoders use the same block here).
 
@@ -178,20 +192,20 @@ class TransformerBlock(Module):
         u, c_fc1 = _lin(params, "fc1", m_in)
         v, c_act = activations.gelu_forward(u)
         m, c_fc2 = _lin(params, "fc2", v)
-        return np.add(m, h, out=m), (c_ln1, c_attn, c_ln2, c_fc1, c_act, c_fc2), state
+        cache = BlockCache(c_ln1, c_attn, c_ln2, c_fc1, c_act, c_fc2, x.shape, x.dtype)
+        return np.add(m, h, out=m), cache, state
 
     def backward(self, cache, dout, *, need_dx=True):
-        c_ln1, c_attn, c_ln2, c_fc1, c_act, c_fc2 = cache
         grads = {}
         # out = h + m: dout flows both into the MLP branch and straight to h.
-        dv = _lin_backward(c_fc2, dout, "fc2", grads)
-        du = activations.gelu_backward(c_act, dv)[0]
-        dm_in = _lin_backward(c_fc1, du, "fc1", grads)
-        dh = _ln_backward(c_ln2, dm_in, "norm2", grads)
+        dv = _lin_backward(cache.fc2, dout, "fc2", grads)
+        du = activations.gelu_backward(cache.act, dv)[0]
+        dm_in = _lin_backward(cache.fc1, du, "fc1", grads)
+        dh = _ln_backward(cache.ln2, dm_in, "norm2", grads)
         dh += dout  # into the fresh gradient array; dout itself is not modified
-        da_in, g_attn = self.attn.backward(c_attn, dh)
+        da_in, g_attn = self.attn.backward(cache.attn, dh)
         grads.update(prefixed(g_attn, "attn"))
-        dx = _ln_backward(c_ln1, da_in, "norm1", grads)
+        dx = _ln_backward(cache.ln1, da_in, "norm1", grads)
         dx += dh
         return dx, grads
 
@@ -250,7 +264,7 @@ class TransformerStack(Module):
         extra = extra or {}
         if not cache:
             return dout, {}
-        shape, dt = cache[-1][0][3], cache[-1][0][0].dtype  # the last block's first layer norm: (B, L, D)
+        shape, dt = cache[-1].shape, cache[-1].dtype  # (B, L, D)
         dout = V.grad_out(dout, shape, dt, name="dout")
         extra = {i: V.grad_out(e, shape, dt, name=f"extra[{i}]") for i, e in extra.items()}
         grads = {}
