@@ -10,16 +10,18 @@ For each N (pairs), d and dtype it times
 * torch CPU autograd of the same formula (normalise, U U^T / tau, mask the
   diagonal, cross-entropy to the partner view, backward), if torch is installed,
 
-all with the same number of threads, and prints medians and ratios.
+all with the same number of threads, timed in turn (``_timing.interleaved``: the order rotating every
+round, a short untimed pause before each call), and prints medians and ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
-from _timing import median_ms, set_threads, torch_nt_xent_step
+from _timing import interleaved, set_threads, torch_nt_xent_step
 
 
 def main(argv=None) -> int:
@@ -68,12 +70,12 @@ def main(argv=None) -> int:
                 u = rng.standard_normal((2 * n, d)).astype(dtype)
                 ut = np.ascontiguousarray(u.T)
                 m = rng.standard_normal((2 * n, 2 * n)).astype(dtype)
-                gram = min(median_ms(lambda: u @ u.T, args.repeats), median_ms(lambda: u @ ut, args.repeats))
-                floor = gram + median_ms(lambda: m @ u, args.repeats)
-                t_ours = median_ms(ours, args.repeats)
-                t_torch = float("nan")
+                fns = [ours, lambda: u @ u.T, lambda: u @ ut, lambda: m @ u]
                 if torch is not None:
-                    t_torch = median_ms(torch_nt_xent_step(torch, z1, z2, tau), args.repeats)
+                    fns.append(torch_nt_xent_step(torch, z1, z2, tau))
+                med = [statistics.median(t) for t in interleaved(fns, args.repeats)]
+                t_ours, floor = med[0], min(med[1], med[2]) + med[3]
+                t_torch = med[4] if torch is not None else float("nan")
                 print(f"{n:>5} {d:>4} {dtype_name:>7} | {t_ours:>9.2f} {floor:>9.2f} {t_torch:>9.2f} | "
                       f"{t_ours / floor:>6.2f} {t_ours / t_torch:>6.2f}", flush=True)
     return 0
