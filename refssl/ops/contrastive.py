@@ -49,23 +49,31 @@ def _gram(u):
 _ROWS = 128  # rows per block of the elementwise work on a (2N x 2N) matrix (map_row_blocks)
 
 
-_GEMM_ROWS = 256  # rows per GEMM of the upper-triangle product below
+def _panel_bounds(n):
+    """Row blocks (s, t) of _ROWS rows (the last one shorter) covering range(n), as map_row_blocks makes them."""
+    return [(s, min(s + _ROWS, n)) for s in range(0, n, _ROWS)]
 
 
-def _gram_upper(a):
-    """a a^T (C order) with only its block upper triangle written (row block i: columns from its own first
-    row on), about half the work of a GEMM; the rest of the array is uninitialised and never read.
+def _gram_panels(a):
+    """The block upper triangle of a a^T as contiguous panels: panel i holds rows s:t and columns s: for the
+    i-th block (s, t) of :func:`_panel_bounds`; about half the work and half the memory of a full GEMM.
 
-    One plain GEMM per block of rows rather than BLAS syrk: OpenBLAS's syrk and symm run on one thread,
-    its GEMM on all of them (at 2 threads and 2N = 2048 this is 7.6 ms for syrk against about 5 here).
+    Panels rather than the upper part of a full matrix: numpy runs elementwise work on a contiguous array
+    faster than on the strided block of a larger one (it passes a non-contiguous operand through its
+    iteration buffer).  One plain GEMM per panel rather than BLAS syrk: OpenBLAS's syrk and symm run on one
+    thread, its GEMM on all of them (at 2 threads and 2N = 2048, 7.6 ms for syrk against about 4 here).
     Inside each diagonal block the part below the diagonal is written too; callers treat it as unset.
     """
     n = len(a)
     at = np.ascontiguousarray(a.T)  # a contiguous right operand is packed faster than a transposed view
-    e = np.empty((n, n), a.dtype)
-    for s in range(0, n, _GEMM_ROWS):
-        np.matmul(a[s:s + _GEMM_ROWS], at[:, s:], out=e[s:s + _GEMM_ROWS, s:])
-    return e
+    bounds = _panel_bounds(n)
+    buf = np.empty(sum((t - s) * (n - s) for s, t in bounds), a.dtype)  # one allocation for all panels
+    panels, start = [], 0
+    for s, t in bounds:
+        size = (t - s) * (n - s)
+        panels.append(np.matmul(a[s:t], at[:, s:], out=buf[start:start + size].reshape(t - s, n - s)))
+        start += size
+    return panels
 
 
 def _mirror_below(m, s, t):
@@ -163,7 +171,7 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True, block_size=None
     def rows(s, t):
         # E is symmetric: only its upper triangle is formed.  Row i's sum over j != i is the sum of its
         # upper part (j > i) plus the sum of column i's upper part (j < i).
-        blk = e[s:t, s:]
+        blk = e[s // _ROWS]  # the panel of rows s:t, columns s:
         # the diagonal (self-similarity) and the part below it, which the upper triangle does not use: weight 0
         blk[:, :t - s][_on_and_below_diagonal(t - s)] = -np.inf
         blk -= inv_tau
@@ -178,7 +186,7 @@ def info_nce_forward(z1, z2, *, temperature=0.1, normalize=True, block_size=None
         blk[r[first], cols] = w_pos[s:t][first]
 
     if normalize:  # the single shift 1/tau bounds the logits only for cosines
-        e = _gram_upper(u * dt.type(math.sqrt(1.0 / tau)))  # logits s_ij / tau, upper block triangle
+        e = _gram_panels(u * dt.type(math.sqrt(1.0 / tau)))  # logits s_ij / tau, upper block triangle
         map_row_blocks(rows, n2, block=_ROWS)
         w_pos[n:] = w_pos[:n]  # E_{i+N, i} = E_{i, i+N}
     w_neg = row_sums + col_sums.sum(axis=0)
@@ -226,13 +234,13 @@ def info_nce_backward(cache, grad_out):
         # diagonal, so that M u is one full GEMM (products with the triangle alone are two GEMMs per block,
         # about 1.4x slower than the mirror and one GEMM together).
         r = extra
-        m = np.empty_like(mat)
+        m = np.empty((n2, n2), dt)
         n = n2 // 2
 
         def rows(s, t):
             blk = m[s:t, s:]
             np.add(r[s:t, None], r[None, s:], out=blk)
-            blk *= mat[s:t, s:]
+            blk *= mat[s // _ROWS]  # E's panel of rows s:t, columns s:
             first = np.arange(s, min(t, n))  # the positive pairs (i, i + N), i in view 1
             m[first, first + n] = at_pos[first]
             diag = blk[:, :t - s]
