@@ -44,7 +44,6 @@ def _parse(argv):
     return ap.parse_args(argv)
 
 
-
 def _torch_net(torch, net, params, norm):
     """The same network in torch, with refssl's weights (Linear weights transposed to torch's layout)."""
     layers = []
