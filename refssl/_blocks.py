@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["map_row_blocks", "map_batch_split", "num_threads"]
+__all__ = ["block_bounds", "map_row_blocks", "map_batch_split", "num_threads"]
 
 _MIN_PARALLEL_ROWS = 512
 _pool: ThreadPoolExecutor | None = None
@@ -37,13 +37,18 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
+def block_bounds(n: int, block: int) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) blocks of ``block`` items covering ``range(n)``, the last one shorter."""
+    return [(s, min(s + block, n)) for s in range(0, n, block)]
+
+
 def map_row_blocks(fn, n_rows: int, block: int = 128) -> None:
     """Call ``fn(start, stop)`` for consecutive row blocks covering ``range(n_rows)``.
 
     Blocks run concurrently when the matrix is large enough for threads to pay
     off; ``fn`` must only write rows ``start:stop`` of its outputs.
     """
-    bounds = [(s, min(s + block, n_rows)) for s in range(0, n_rows, block)]
+    bounds = block_bounds(n_rows, block)
     # A single block runs inline: handing it to a pool thread and waiting costs a thread switch and saves
     # nothing (a small batch makes many such calls per step).
     if n_rows < _MIN_PARALLEL_ROWS or len(bounds) == 1 or num_threads() == 1:

@@ -135,7 +135,8 @@ def test_conv2d_blocks_of_images_match_one_block(case, images_per_block, direct_
     per_image = ho * wo * (kh * kw * c + bias) * 8
     monkeypatch.setattr(conv, "_BLOCK_BYTES", images_per_block * per_image)
     monkeypatch.setattr(conv, "_DIRECT_GEMM_MNK", direct_mnk)
-    assert conv._image_blocks(5, per_image)[0] == images_per_block
+    first_start, first_stop = conv._image_blocks(5, per_image)[0]
+    assert first_stop - first_start == images_per_block
     bout, bcache = conv.conv2d_forward_strided(x, w, b, stride=s, padding=p)
     np.testing.assert_allclose(bout, conv_reference(x, w, b, s, p), rtol=1e-12, atol=1e-12)
     for got, ref in zip(conv.conv2d_backward(bcache, g), want):

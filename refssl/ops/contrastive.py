@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .. import validation as V
-from .._blocks import map_row_blocks
+from .._blocks import block_bounds, map_row_blocks
 from ..numerics import logsumexp
 from ..registry import Range, register
 from ._positive_ce import positive_ce, positive_ce_from_sums
@@ -49,14 +49,10 @@ def _gram(u):
 _ROWS = 128  # rows per block of the elementwise work on a (2N x 2N) matrix (map_row_blocks)
 
 
-def _panel_bounds(n):
-    """Row blocks (s, t) of _ROWS rows (the last one shorter) covering range(n), as map_row_blocks makes them."""
-    return [(s, min(s + _ROWS, n)) for s in range(0, n, _ROWS)]
-
-
 def _gram_panels(a):
     """The block upper triangle of a a^T as contiguous panels: panel i holds rows s:t and columns s: for the
-    i-th block (s, t) of :func:`_panel_bounds`; about half the work and half the memory of a full GEMM.
+    i-th block (s, t) of ``block_bounds(n, _ROWS)``, the blocks ``map_row_blocks`` hands out; about half the
+    work and half the memory of a full GEMM.
 
     Panels rather than the upper part of a full matrix: numpy runs elementwise work on a contiguous array
     faster than on the strided block of a larger one (it passes a non-contiguous operand through its
@@ -66,7 +62,7 @@ def _gram_panels(a):
     """
     n = len(a)
     at = np.ascontiguousarray(a.T)  # a contiguous right operand is packed faster than a transposed view
-    bounds = _panel_bounds(n)
+    bounds = block_bounds(n, _ROWS)
     buf = np.empty(sum((t - s) * (n - s) for s, t in bounds), a.dtype)  # one allocation for all panels
     panels, start = [], 0
     for s, t in bounds:

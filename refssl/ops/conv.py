@@ -34,7 +34,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .. import validation as V
-from .._blocks import map_batch_split
+from .._blocks import block_bounds, map_batch_split
 from ..registry import register
 from ._layer_checks import nonneg_int, param, upstream
 
@@ -138,9 +138,8 @@ def _direct_rows(*fixed):
 
 
 def _image_blocks(n, bytes_per_image):
-    """(images per block, [(start, stop), ...]): consecutive blocks of whole images of about _BLOCK_BYTES."""
-    per = max(1, min(n, _BLOCK_BYTES // max(1, bytes_per_image)))
-    return per, [(s, min(s + per, n)) for s in range(0, n, per)]
+    """[(start, stop), ...]: consecutive blocks of whole images of about _BLOCK_BYTES."""
+    return block_bounds(n, max(1, min(n, _BLOCK_BYTES // max(1, bytes_per_image))))
 
 
 def _block_list(layout, xp, kh, kw, ho, wo, has_b):
@@ -148,8 +147,8 @@ def _block_list(layout, xp, kh, kw, ho, wo, has_b):
     :class:`_PlaneColumns` (channel-major) on this padded input: about _BLOCK_BYTES of columns each."""
     if layout == "channel-major":
         width = kh * kw * xp.shape[0] + has_b
-        return _image_blocks(xp.shape[1], width * ho * wo * xp.itemsize)[1]
-    return _image_blocks(xp.shape[0], ho * wo * (kh * kw * xp.shape[3] + has_b) * xp.itemsize)[1]
+        return _image_blocks(xp.shape[1], width * ho * wo * xp.itemsize)
+    return _image_blocks(xp.shape[0], ho * wo * (kh * kw * xp.shape[3] + has_b) * xp.itemsize)
 
 
 def _over_blocks(part, blocks, work):
@@ -183,14 +182,15 @@ class _Columns:
 
     ``rows(s, e)`` gathers the (rows of) images s:e from the window view of the padded NHWC input into a
     reused buffer (a ones column at the end when the layer has a bias) and returns them as an
-    ((e - s)*Ho*Wo, KH*KW*C [+1]) C-contiguous matrix, valid until the next call.
+    ((e - s)*Ho*Wo, KH*KW*C [+1]) C-contiguous matrix, valid until the next call.  The buffer holds the
+    largest of ``blocks``, the blocks it will be asked for.
     """
 
-    def __init__(self, xp, kh, kw, stride, ho, wo, has_b):
+    def __init__(self, xp, kh, kw, stride, ho, wo, has_b, blocks):
         self.win = _windows(xp, kh, kw, stride, ho, wo)
         self.k = kh * kw * xp.shape[3]
         self.width = self.k + has_b
-        per = _image_blocks(xp.shape[0], ho * wo * self.width * xp.itemsize)[0]  # as in _block_list
+        per = max(e - s for s, e in blocks)
         self.buf = np.empty((per * ho * wo, self.width), dtype=xp.dtype)
         if has_b:
             self.buf[:, self.k] = 1
@@ -207,14 +207,14 @@ class _PlaneColumns:
 
     ``images(s, e)`` returns an (e - s, KH*KW*C [+1], Ho*Wo) C-contiguous array: for each image of the
     block its transposed column matrix, gathered plane by plane (runs of whole image rows) from the padded
-    (C, N, Hp, Wp) input into a reused buffer.
+    (C, N, Hp, Wp) input into a reused buffer, which holds the largest of ``blocks``.
     """
 
-    def __init__(self, xp, kh, kw, stride, ho, wo, has_b):
+    def __init__(self, xp, kh, kw, stride, ho, wo, has_b, blocks):
         self.planes = _cm_planes(xp, kh, kw, stride, ho, wo)
         self.shape = (kh, kw, xp.shape[0], ho, wo)
         self.k, self.width = kh * kw * xp.shape[0], kh * kw * xp.shape[0] + has_b
-        per = _image_blocks(xp.shape[1], self.width * ho * wo * xp.itemsize)[0]  # as in _block_list
+        per = max(e - s for s, e in blocks)
         self.buf = np.empty((per, self.width, ho * wo), dtype=xp.dtype)
         if has_b:
             self.buf[:, self.k] = 1
@@ -273,8 +273,7 @@ class _ShiftedRowsDx:
 
     def dx(self):
         n, c, h, wd = self.xshape
-        blocks = [(s, min(s + self.per, n)) for s in range(0, n, self.per)]
-        _over_blocks(self.part, blocks, self.dxp.size * self.kh * self.kw)
+        _over_blocks(self.part, block_bounds(n, self.per), self.dxp.size * self.kh * self.kw)
         pad = self.padding
         return self.dxp.reshape(n, self.hp, self.wp, c)[:, pad:pad + h, pad:pad + wd, :].transpose(0, 3, 1, 2)
 
@@ -311,7 +310,7 @@ def _conv2d(x, w, b, stride, padding):
         layout = "channel-major"
 
         def part(blocks):
-            cols = _PlaneColumns(xp, kh, kw, stride, ho, wo, has_b)
+            cols = _PlaneColumns(xp, kh, kw, stride, ho, wo, has_b, blocks)
             for s, e in blocks:  # one stacked matmul: a GEMM per image, the loop in numpy
                 np.matmul(cols.images(s, e).transpose(0, 2, 1), wmat, out=out[s * m:e * m].reshape(e - s, m, f))
     else:
@@ -320,7 +319,7 @@ def _conv2d(x, w, b, stride, padding):
         step = _direct_rows(wmat.shape[0], f)
 
         def part(blocks):
-            cols = _Columns(xp, kh, kw, stride, ho, wo, has_b)
+            cols = _Columns(xp, kh, kw, stride, ho, wo, has_b, blocks)
             for s, e in blocks:
                 blk, o = cols.rows(s, e), out[s * m:e * m]
                 q = len(blk) // step * step  # pieces of `step` rows as one stacked matmul, then the rest
@@ -411,12 +410,12 @@ def _conv2d_grads(cache, grad_out, need_dx):
     def part(own):
         # Stacked matmuls (a GEMM per piece, the loop in numpy), the pieces' products summed in order.
         if channel_major:
-            cols = _PlaneColumns(xp, kh, kw, stride, ho, wo, has_b)
+            cols = _PlaneColumns(xp, kh, kw, stride, ho, wo, has_b, own)
             for s, e in own:  # cols_i^T (K, Ho*Wo) times g_i (Ho*Wo, F) for each image i
                 gb = gmat[s * m:e * m].reshape(e - s, m, f)
                 partial[index[s, e]] = np.matmul(cols.images(s, e), gb).sum(axis=0)
         else:
-            cols, step = _Columns(xp, kh, kw, stride, ho, wo, has_b), _direct_rows(width, f)
+            cols, step = _Columns(xp, kh, kw, stride, ho, wo, has_b, own), _direct_rows(width, f)
             for s, e in own:
                 blk, gb = cols.rows(s, e), gmat[s * m:e * m]
                 q = len(blk) // step * step
