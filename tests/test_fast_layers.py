@@ -3,16 +3,18 @@
 conv2d has two im2col layouts (channels-last for KW*C >= 16, channel-major for the RGB input layer), both
 gathered in blocks of images, a shifted-rows input gradient for stride 1 (per block) and col2im otherwise,
 and a variant whose output is a channels-last view; max-pool has a 2x2 path with its own tie rule
-bookkeeping; ReLU keeps the memory layout of its input; map_batch_split spreads the batch over threads.  The registry-wide tests use tiny
-examples (channel-major conv only), so each path is exercised here.
+bookkeeping; ReLU keeps the memory layout of its input; map_batch_split spreads the batch over threads.
+The registry-wide tests use tiny examples (channel-major conv only), so each path is exercised here.
 """
 
 import numpy as np
 import pytest
 
 from refssl import gradcheck, nn
+from refssl import validation as V
 from refssl._blocks import map_batch_split
 from refssl.ops import activations, conv, pooling
+from refssl.ops._layer_checks import upstream
 
 
 def conv_reference(x, w, b, stride, padding):
@@ -309,39 +311,42 @@ def _channels_last(a):
 
 
 def test_channels_last_views_are_checked_like_any_array():
-    # conv.checked_4d / checked_upstream run validation on the C-ordered transpose of a channels-last view:
-    # same acceptance, same errors as validation on the array itself.
+    # conv and pooling validate their channels-last inputs and upstream gradients with the ordinary checks
+    # (validation scans such a view in memory order): same acceptance and errors as for a C-ordered array,
+    # and no copy of an accepted gradient.
     rng = np.random.default_rng(9)
     good = _channels_last(rng.standard_normal((2, 3, 4, 5)).astype(np.float32))
-    assert conv._dense_order(good) == (0, 2, 3, 1)
-    assert conv.checked_4d(good, "x", "(N, C, H, W)") is good
-    g = conv.checked_upstream(good, (2, 3, 4, 5), np.float32)
+    assert not good.flags.c_contiguous
+    assert V.float_array(good, "x", ndim=4, shape_doc="(N, C, H, W)") is good
+    g = upstream(good, (2, 3, 4, 5), np.float32)
     assert g.shape == good.shape and np.shares_memory(g, good)
     np.testing.assert_array_equal(g, good)
     for bad_value in (np.nan, np.inf, -np.inf):
         bad = good.copy(order="K")
         bad[1, 2, 3, 4] = bad_value
-        assert conv._dense_order(bad) is not None
+        assert not bad.flags.c_contiguous
         with pytest.raises(ValueError, match="x contains NaN or inf"):
-            conv.checked_4d(bad, "x", "(N, C, H, W)")
+            V.float_array(bad, "x", ndim=4, shape_doc="(N, C, H, W)")
         with pytest.raises(ValueError, match="grad_out contains NaN or inf"):
-            conv.checked_upstream(bad, (2, 3, 4, 5), np.float32)
-    # Anything else takes the ordinary path, with its own messages.
+            upstream(bad, (2, 3, 4, 5), np.float32)
+        with pytest.raises(ValueError, match="x contains NaN or inf"):
+            conv.conv2d_forward_strided(bad, np.ones((1, 3, 1, 1), np.float32), None)
+        with pytest.raises(ValueError, match="x contains NaN or inf"):
+            pooling.max_pool2d_forward(bad, kernel=2)
     with pytest.raises(ValueError, match="grad_out must have shape"):
-        conv.checked_upstream(good, (2, 3, 5, 4), np.float32)
-    cast = conv.checked_upstream(good, (2, 3, 4, 5), np.float64)  # cast to the op's dtype
+        upstream(good, (2, 3, 5, 4), np.float32)
+    cast = upstream(good, (2, 3, 4, 5), np.float64)  # cast to the op's dtype
     assert cast.dtype == np.float64
     np.testing.assert_array_equal(cast, good)
     with pytest.raises(TypeError, match="x must be a float32 or float64 array"):
-        conv.checked_4d(_channels_last(np.ones((1, 2, 2, 2), dtype=np.int64)), "x", "(N, C, H, W)")
+        V.float_array(_channels_last(np.ones((1, 2, 2, 2), dtype=np.int64)), "x", ndim=4, shape_doc="(N, C, H, W)")
     with pytest.raises(ValueError, match="x must have shape"):
-        conv.checked_4d(good[0], "x", "(N, C, H, W)")
+        V.float_array(good[0], "x", ndim=4, shape_doc="(N, C, H, W)")
     with pytest.raises(ValueError, match="empty batch"):
-        conv.checked_4d(good[:0], "x", "(N, C, H, W)")
-    gaps = np.full((1, 1, 2, 4), np.nan)[:, :, :, ::2]  # a view with gaps: the ordinary path
-    assert conv._dense_order(gaps) is None
+        V.float_array(good[:0], "x", ndim=4, shape_doc="(N, C, H, W)")
+    gaps = np.full((1, 1, 2, 4), np.nan)[:, :, :, ::2]  # a view with gaps
     with pytest.raises(ValueError, match="x contains NaN"):
-        conv.checked_4d(gaps, "x", "(N, C, H, W)")
+        V.float_array(gaps, "x", ndim=4, shape_doc="(N, C, H, W)")
 
 
 @pytest.mark.parametrize("channels", [3, 16])

@@ -81,39 +81,6 @@ def _nhwc_padded(x, padding):
     return xp
 
 
-def _dense_order(a):
-    """The axis order (outermost first) in which ``a``'s memory is C-contiguous, when ``a`` is a non-empty
-    plain ndarray that is a transpose of a C-contiguous array without being C-contiguous itself (e.g. a
-    channels-last (N, C, H, W) view); None otherwise."""
-    if type(a) is not np.ndarray or a.size == 0 or a.flags.c_contiguous:
-        return None
-    order = tuple(sorted(range(a.ndim), key=lambda i: -a.strides[i]))
-    return order if a.transpose(order).flags.c_contiguous else None
-
-
-# validation's finiteness test is one BLAS dot product on C-contiguous memory but an elementwise pass
-# with a boolean temporary on any other layout; the channels-last activations these layers pass around
-# are checked through their C-ordered transpose instead: the same checks and messages (for a non-empty
-# array, the rank, dtype and finiteness do not depend on the order of the axes), a fraction of the cost.
-
-def checked_4d(x, name, shape_doc):
-    """``V.float_array(x, name, ndim=4, shape_doc=shape_doc)``, fast for channels-last views."""
-    order = _dense_order(x)
-    if order is None:
-        return V.float_array(x, name, ndim=4, shape_doc=shape_doc)
-    V.float_array(x.transpose(order), name, ndim=4, shape_doc=shape_doc)
-    return x
-
-
-def checked_upstream(grad_out, shape, dtype):
-    """``upstream(grad_out, shape, dtype)``, fast for a channels-last view of the right shape and dtype."""
-    order = _dense_order(grad_out)
-    if order is None or grad_out.shape != tuple(shape) or grad_out.dtype != dtype:
-        return upstream(grad_out, shape, dtype)
-    g = upstream(grad_out.transpose(order), tuple(shape[i] for i in order), dtype)
-    return g.transpose(np.argsort(order))
-
-
 def _check_conv_hyper(stride, padding):
     return V.positive_int(stride, "stride"), nonneg_int(padding, "padding")
 
@@ -280,7 +247,7 @@ class _ShiftedRowsDx:
 
 def _conv2d(x, w, b, stride, padding):
     """Checked conv2d: (out, cache) with ``out`` a channels-last (N, F, Ho, Wo) view of the GEMM result."""
-    checked_4d(x, "x", "(N, C, H, W)")
+    V.float_array(x, "x", ndim=4, shape_doc="(N, C, H, W)")
     V.float_array(w, "w", ndim=4, shape_doc="(F, C, KH, KW)")
     V.same_dtype([x, w], ["x", "w"])
     stride, padding = _check_conv_hyper(stride, padding)
@@ -397,7 +364,7 @@ def _conv2d_grads(cache, grad_out, need_dx):
     f, _, kh, kw = w.shape
     ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
     m, k = ho * wo, kh * kw * c
-    g = checked_upstream(grad_out, (n, f, ho, wo), w.dtype)
+    g = upstream(grad_out, (n, f, ho, wo), w.dtype)
     gmat = _channels_last_rows(g)
     channel_major = layout == "channel-major"
     width = k + has_b  # the ones column of the columns gives db as the last row of dW
