@@ -26,8 +26,9 @@ OpenBLAS builds, slow a current numpy, so they are unset for this command only):
 On a machine shared with other jobs the wall clock measures the other jobs too (calls are interleaved,
 refssl, torch, refssl, ..., the order rotating every round, so that load falls on both alike, but BLAS
 threads that wait on each other suffer most; each timed call follows a short untimed pause, so that torch's
-OpenMP threads no longer spin when refssl starts: ``_timing.interleaved``).  Then ``--threads 1 --clock cpu`` gives single-thread CPU time, which other processes change
-far less (only through shared caches and cores):
+OpenMP threads no longer spin when refssl starts: ``_timing.interleaved``).  Then ``--threads 1 --clock
+cpu`` gives single-thread CPU time, which other processes change far less (only through shared caches and
+cores):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_vit_step.py --threads 1 --clock cpu
 
@@ -160,7 +161,8 @@ def main(argv=None) -> int:
     r = args.repeats
     load0 = os.getloadavg()[0]
     runs = dict(zip(("refssl", "exp", "sdpa"),
-                    interleaved([refssl_step, lambda: torch_step(False), lambda: torch_step(True)], r, clock=_clock)))
+                    interleaved([refssl_step, lambda: torch_step(False), lambda: torch_step(True)], r,
+                                clock=_clock)))
     med = {k: _median(v) for k, v in runs.items()}
     best = {k: min(v) for k, v in runs.items()}
     print(f"\nstep (forward + backward), median of {r} (best), {args.clock} clock; machine load average "
