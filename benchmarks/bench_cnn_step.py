@@ -6,16 +6,15 @@ target (its cost is negligible next to the network's), the optimiser SGD with mo
 same network (same weights, loaded from refssl's dict; the loss and every gradient are checked to float32
 tolerance before anything is timed) in autograd.
 
-The machine this runs on is shared, so the timings are noisy: the refssl and torch steps are run
-interleaved in one process (in turn, the order rotating every round, each timed call after a short untimed
-pause so that neither library's idle threads still spin when the other starts: ``_timing.interleaved``), so
-that a change of load falls on both alike, and the medians are reported, with the median of the per-pair
-ratios.  The per-layer table times every layer of
-both networks the same way (forward and backward separately, on the step's shapes, the upstream gradient
-in the memory layout of the layer's output for refssl and contiguous for torch); a ReLU followed by a 2x2
-max-pool is one row, as refssl's Sequential runs the pair as one fused op.  Layers timed one at a time
-reuse their freed memory, so the table's sum can fall short of the step, where all the caches are alive
-at once and fresh pages are faulted in.
+The machine this runs on is shared, so the timings are noisy: the refssl and torch steps are run interleaved
+in one process (in turn, the order rotating every round, each timed call after a short untimed pause so that
+neither library's idle threads still spin when the other starts: ``_timing.interleaved``), so that a change
+of load falls on both alike, and the medians are reported, with the median of the per-pair ratios. The
+per-layer table times every layer of both networks the same way (forward and backward separately, on the
+step's shapes, the upstream gradient in the memory layout of the layer's output for refssl and contiguous
+for torch); a ReLU followed by a 2x2 max-pool is one row, as refssl's Sequential runs the pair as one fused
+op. Layers timed one at a time reuse their freed memory, so the table's sum can fall short of the step,
+where all the caches are alive at once and fresh pages are faulted in.
 
 How it was run (2 cores; OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, when the environment sets them for old
 OpenBLAS builds, slow a current numpy, so they are unset for this command only):
