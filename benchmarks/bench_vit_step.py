@@ -66,6 +66,33 @@ def _median(ts):
     return ts[len(ts) // 2]
 
 
+def vit_tiny(np, rng, images, labels):
+    """The benchmarked model: (vit, params, step), ``step()`` returning (loss, grads) of one refssl training
+    step (forward + backward, no update) on ``images`` (N, 3, 32, 32) float32 and integer ``labels`` (N,).
+    Parameters are drawn from ``rng``: the encoder's MAE initialisation, then the head."""
+    from refssl.nn.transformer import ViT
+    from refssl.ops import cross_entropy, linear
+
+    vit = ViT(image_size=32, patch=4, in_channels=3, dim=128, depth=4, n_heads=4, mlp_ratio=4.0,
+              pos="sincos", pool="cls")
+    params = vit.init(rng, np.float32)[0]
+    params["head.w"] = (rng.standard_normal((128, CLASSES)) / np.sqrt(128)).astype(np.float32)
+    params["head.b"] = np.zeros(CLASSES, np.float32)
+    enc_keys = [k for k in params if not k.startswith("head.")]
+
+    def step():
+        pooled, cache, _ = vit.forward({k: params[k] for k in enc_keys}, {}, images)
+        logits, c_head = linear.linear_forward(pooled, params["head.w"], params["head.b"])
+        loss, c_ce = cross_entropy.cross_entropy_forward(logits, labels)
+        dlogits = cross_entropy.cross_entropy_backward(c_ce, 1.0)[0]
+        dpooled, dhw, dhb = linear.linear_backward(c_head, dlogits)
+        grads = vit.backward(cache, dpooled)[1]
+        grads["head.w"], grads["head.b"] = dhw, dhb
+        return loss, grads
+
+    return vit, params, step
+
+
 
 def main(argv=None) -> int:
     global _clock
@@ -86,8 +113,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from ports.torch import vit as tv
     from refssl.nn.mae import MAE
-    from refssl.nn.transformer import ViT
-    from refssl.ops import cross_entropy, linear
 
     rng = np.random.default_rng(0)
     n = args.batch
@@ -95,23 +120,7 @@ def main(argv=None) -> int:
     labels = rng.integers(0, CLASSES, n)
 
     if args.model == "vit":
-        vit = ViT(image_size=32, patch=4, in_channels=3, dim=128, depth=4, n_heads=4, mlp_ratio=4.0,
-                  pos="sincos", pool="cls")
-        params = vit.init(rng, np.float32)[0]
-        params["head.w"] = (rng.standard_normal((128, CLASSES)) / np.sqrt(128)).astype(np.float32)
-        params["head.b"] = np.zeros(CLASSES, np.float32)
-        enc_keys = [k for k in params if not k.startswith("head.")]
-
-        def refssl_step():
-            pooled, cache, _ = vit.forward({k: params[k] for k in enc_keys}, {}, images)
-            logits, c_head = linear.linear_forward(pooled, params["head.w"], params["head.b"])
-            loss, c_ce = cross_entropy.cross_entropy_forward(logits, labels)
-            dlogits = cross_entropy.cross_entropy_backward(c_ce, 1.0)[0]
-            dpooled, dhw, dhb = linear.linear_backward(c_head, dlogits)
-            grads = vit.backward(cache, dpooled)[1]
-            grads["head.w"], grads["head.b"] = dhw, dhb
-            return loss, grads
-
+        vit, params, refssl_step = vit_tiny(np, rng, images, labels)
         tlabels = torch.as_tensor(labels)
 
         def torch_loss(tp, timages, sdpa):
