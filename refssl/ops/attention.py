@@ -158,21 +158,23 @@ def _attend_backward(q, k, v, pt, out, g, scale, dq, dk, dv):
     strided views) in place.
 
     dP = g v^T;  dS = P * (dP - rowsum(g * out));  dq = c dS k;  dk = c dS^T q;  dv = P^T g
-    (derivations/attention_backward.md, AT2-AT4), all on the key-major layout.
+    (derivations/attention_backward.md, AT2-AT4), all on the key-major layout.  The factor c of dq and dk
+    is taken into dS itself (AT8): it rides on the transposed copy of g the GEMM needs anyway and on the
+    (B, H, Lq) row sums, instead of two more passes over dq and dk, strided views of the qkv gradient.
     """
     nb, h, lq, dh = q.shape
     lk = k.shape[2]
 
     def block(a, b):
-        g_t = np.ascontiguousarray(g[a:b].transpose(0, 1, 3, 2))
-        ds_t = np.matmul(v[a:b], g_t)  # dP^T = V g^T
+        gc_t = np.multiply(g[a:b].transpose(0, 1, 3, 2), scale, out=np.empty((b - a, h, dh, lq), dtype=g.dtype))
+        ds_t = np.matmul(v[a:b], gc_t)  # c dP^T = V (c g)^T
         # rowsum(dP * P) = rowsum(g * out): Lq*dh products instead of Lq*Lk, and P is not read twice
-        ds_t -= np.einsum("bhid,bhid->bhi", g[a:b], out[a:b])[:, :, None, :]
-        ds_t *= pt[a:b]  # dS^T
+        rows = np.einsum("bhid,bhid->bhi", g[a:b], out[a:b])
+        rows *= scale
+        ds_t -= rows[:, :, None, :]
+        ds_t *= pt[a:b]  # c dS^T
         np.matmul(ds_t.transpose(0, 1, 3, 2), k[a:b], out=dq[a:b])
-        dq[a:b] *= scale
         np.matmul(ds_t, q[a:b], out=dk[a:b])
-        dk[a:b] *= scale
         np.matmul(pt[a:b], g[a:b], out=dv[a:b])
 
     _each_block(block, nb, h, lq, lk, dh)
