@@ -9,9 +9,13 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refssl import gradcheck, nn
 from refssl.ops import activations, conv, linear, norm_layers, pooling
+
+from .helpers import assert_gradients
 
 
 # -- independent loop implementations (tiny inputs only) ------------------------------------------------
@@ -266,6 +270,46 @@ def test_layer_norm_matches_rowwise_formula():
         row = x[idx]
         ref = gamma * (row - row.mean()) / math.sqrt(row.var() + 1e-3) + beta
         np.testing.assert_allclose(out[idx], ref, rtol=1e-12)
+
+
+class _LayerNormWithout:
+    """layer_norm with gamma and/or beta left out (None), as an op of the arrays that are given."""
+
+    def __init__(self, keep_gamma, keep_beta):
+        self.keep = (keep_gamma, keep_beta)
+        self.differentiable = tuple(range(1 + sum(self.keep)))
+
+    def forward(self, x, *params):
+        it = iter(params)
+        gamma, beta = (next(it) if k else None for k in self.keep)
+        return norm_layers.layer_norm_forward(x, gamma, beta, eps=1e-3)
+
+    def backward(self, cache, g):
+        dx, dgamma, dbeta = norm_layers.layer_norm_backward(cache, g)
+        assert (dgamma is None) != self.keep[0] and (dbeta is None) != self.keep[1]
+        return (dx,) + tuple(d for d, k in zip((dgamma, dbeta), self.keep) if k)
+
+
+@pytest.mark.parametrize("keep_gamma,keep_beta", [(False, False), (True, False), (False, True)])
+@settings(max_examples=6)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_layer_norm_without_scale_or_shift(seed, keep_gamma, keep_beta):
+    """gamma or beta None: the same values as gamma = 1 or beta = 0 (bit for bit), a None gradient slot, and
+    gradients that pass the central-difference check; with neither, the output is read-only."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(2, 7)))) * 3 + 1
+    d = x.shape[-1]
+    gamma, beta = rng.uniform(0.5, 2, d), rng.standard_normal(d)
+    g_used, b_used = (gamma if keep_gamma else None), (beta if keep_beta else None)
+    out, _ = norm_layers.layer_norm_forward(x, g_used, b_used, eps=1e-3)
+    ref, _ = norm_layers.layer_norm_forward(x, gamma if keep_gamma else np.ones(d),
+                                            beta if keep_beta else np.zeros(d), eps=1e-3)
+    np.testing.assert_array_equal(out, ref)
+    if not (keep_gamma or keep_beta):
+        with pytest.raises(ValueError, match="read-only"):
+            out += 1
+    args = (x,) + tuple(a for a in (g_used, b_used) if a is not None)
+    assert_gradients(_LayerNormWithout(keep_gamma, keep_beta), args, {}, rng=rng)
 
 
 # -- modules and networks --------------------------------------------------------------------------------

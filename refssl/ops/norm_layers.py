@@ -181,7 +181,11 @@ def layer_norm_forward(x, gamma, beta, *, eps=DEFAULT_EPS):
         mu_n = mean_d x_nd,  var_n = mean_d (x_nd - mu_n)^2,
         out_nd = gamma_d (x_nd - mu_n) / sqrt(var_n + eps) + beta_d
 
-    Shapes: x (..., D) with D >= 1, gamma (D,), beta (D,) -> out like x.
+    Shapes: x (..., D) with D >= 1, gamma (D,) or None, beta (D,) or None -> out like x.  ``None`` leaves out
+    the scale (gamma = 1) or the shift (beta = 0), as PyTorch's ``F.layer_norm`` with ``weight`` or ``bias``
+    None; its gradient slot is then None.  With neither, the output is the normalised x-hat that the backward
+    keeps, returned as a read-only view instead of a copy (a transformer block that applies gamma and beta
+    through the next linear map reads it, see :mod:`refssl.nn.transformer`).
 
     Reference: Ba, Kiros & Hinton 2016, arXiv 1607.06450; PyTorch torch/nn/modules/normalization.py.
     Backward: derivations/layers_backward.md#layer_norm.
@@ -190,12 +194,15 @@ def layer_norm_forward(x, gamma, beta, *, eps=DEFAULT_EPS):
     if x.ndim < 1:
         raise ValueError("x must have shape (..., D), got a 0-d array")
     d = x.shape[-1]
-    param(gamma, "gamma", (d,), "(D,)", x)
-    param(beta, "beta", (d,), "(D,)", x)
+    if gamma is not None:
+        param(gamma, "gamma", (d,), "(D,)", x)
+    if beta is not None:
+        param(beta, "beta", (d,), "(D,)", x)
     eps = x.dtype.type(V.positive(eps, "eps"))
     x2 = x.reshape(-1, d)
     xhat = np.empty(x2.shape, x.dtype)
-    out = np.empty(x2.shape, x.dtype)
+    affine = gamma is not None or beta is not None
+    out = np.empty(x2.shape, x.dtype) if affine else None
     inv_std = np.empty(x2.shape[0], x.dtype)
     inv_d = x.dtype.type(1.0 / d)
     mean_vec = np.full(d, inv_d, x.dtype)  # row means as a GEMV: several times faster than a short-row reduction
@@ -211,44 +218,54 @@ def layer_norm_forward(x, gamma, beta, *, eps=DEFAULT_EPS):
         np.sqrt(var, out=var)
         r = np.reciprocal(var, out=inv_std[s:e])
         xh *= r[:, None]
-        o = np.multiply(xh, gamma, out=out[s:e])
-        o += beta
+        if gamma is not None:
+            o = np.multiply(xh, gamma, out=out[s:e])
+            if beta is not None:
+                o += beta
+        elif beta is not None:
+            np.add(xh, beta, out=out[s:e])
 
     map_row_blocks(block, x2.shape[0], block=_ln_rows(d, x.itemsize))
-    return out.reshape(x.shape), (xhat, inv_std, gamma, x.shape)
+    if out is None:
+        out = xhat.view()
+        out.flags.writeable = False
+    return out.reshape(x.shape), (xhat, inv_std, gamma, beta is not None, x.shape)
 
 
 def layer_norm_backward(cache, grad_out):
     """dxhat = g gamma; dx = (dxhat - mean_d dxhat - xhat mean_d(dxhat xhat)) / sigma."""
-    xhat, inv_std, gamma, shape = cache
+    xhat, inv_std, gamma, has_beta, shape = cache
     g = upstream(grad_out, shape, xhat.dtype).reshape(xhat.shape)
     n, d = xhat.shape
     inv_d = xhat.dtype.type(1.0 / d)
     dx = np.empty_like(xhat)
     rows = _ln_rows(d, xhat.itemsize)
     n_blocks = -(-n // rows)
-    dgamma_part = np.empty((n_blocks, d), xhat.dtype)
-    dbeta_part = np.empty((n_blocks, d), xhat.dtype)
+    dgamma_part = np.empty((n_blocks, d), xhat.dtype) if gamma is not None else None
+    dbeta_part = np.empty((n_blocks, d), xhat.dtype) if has_beta else None
     ones_d, ones_rows = np.ones(d, xhat.dtype), np.ones(rows, xhat.dtype)  # sums as GEMVs
 
     # Row blocks: dx in place in its own slot; the parameter gradients summed per block, then over blocks.
     def block(s, e):
         i = s // rows
         gb, xh = g[s:e], xhat[s:e]
-        np.einsum("nd,nd->d", gb, xh, out=dgamma_part[i])
-        np.matmul(ones_rows[:e - s], gb, out=dbeta_part[i])
-        gh = np.multiply(gb, gamma, out=dx[s:e])
+        if gamma is not None:
+            np.einsum("nd,nd->d", gb, xh, out=dgamma_part[i])
+        if has_beta:
+            np.matmul(ones_rows[:e - s], gb, out=dbeta_part[i])
+        gh = gb if gamma is None else np.multiply(gb, gamma, out=dx[s:e])
         m1 = gh @ ones_d
         m2 = np.einsum("nd,nd->n", gh, xh)
         m1 *= inv_d
         m2 *= inv_d
-        gh -= m1[:, None]
+        gh = np.subtract(gh, m1[:, None], out=dx[s:e])
         t = np.multiply(xh, m2[:, None])
         gh -= t
         gh *= inv_std[s:e, None]
 
     map_row_blocks(block, n, block=rows)
-    return dx.reshape(shape), dgamma_part.sum(axis=0), dbeta_part.sum(axis=0)
+    return (dx.reshape(shape), None if gamma is None else dgamma_part.sum(axis=0),
+            dbeta_part.sum(axis=0) if has_beta else None)
 
 
 def _ln_example(rng, dtype=np.float64):
