@@ -86,6 +86,54 @@ def test_transformer_block_gradients(seed, masked):
     assert abs(fd - np.sum(dx * u)) <= TOL * max(1.0, np.linalg.norm(dx))
 
 
+@pytest.mark.derivation("attention_backward.md#AT9")
+@settings(max_examples=4)
+@given(seed=seeds, masked=st.booleans())
+def test_block_with_norms_folded_equals_the_ops_composed_as_written(seed, masked):
+    """The block applies each layer norm's gamma and beta through the linear map after it (AT9); its output
+    and every gradient equal those of layer_norm (with gamma, beta) -> multi_head_attention -> + x ->
+    layer_norm -> linear -> gelu -> linear -> + h, the registered ops composed as the model is written."""
+    from refssl.ops import activations, attention, linear, norm_layers
+
+    rng = np.random.default_rng(seed)
+    b, length, d, heads = 2, int(rng.integers(2, 6)), 8, 2
+    blk = TransformerBlock(d, n_heads=heads, mlp_ratio=2)
+    p = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in blk.init(rng, np.float64)[0].items()}
+    x = rng.standard_normal((b, length, d))
+    key_mask = None
+    if masked:
+        key_mask = rng.random((b, length)) < 0.7
+        key_mask[:, 0] = True
+    g = rng.standard_normal((b, length, d))
+
+    a_in, c1 = norm_layers.layer_norm_forward(x, p["norm1.gamma"], p["norm1.beta"], eps=1e-6)
+    a, ca = attention.multi_head_attention_forward(a_in, p["attn.qkv.w"], p["attn.qkv.b"], p["attn.proj.w"],
+                                                   p["attn.proj.b"], key_mask, n_heads=heads)
+    h = x + a
+    m_in, c2 = norm_layers.layer_norm_forward(h, p["norm2.gamma"], p["norm2.beta"], eps=1e-6)
+    u, cf1 = linear.linear_forward(m_in, p["fc1.w"], p["fc1.b"])
+    v, cg = activations.gelu_forward(u)
+    m, cf2 = linear.linear_forward(v, p["fc2.w"], p["fc2.b"])
+    want = {}
+    dv, want["fc2.w"], want["fc2.b"] = linear.linear_backward(cf2, g)
+    dm_in, want["fc1.w"], want["fc1.b"] = linear.linear_backward(cf1, activations.gelu_backward(cg, dv)[0])
+    dh, want["norm2.gamma"], want["norm2.beta"] = norm_layers.layer_norm_backward(c2, dm_in)
+    dh = dh + g
+    da_in, *dattn = attention.multi_head_attention_backward(ca, dh)
+    for key, val in zip(["attn.qkv.w", "attn.qkv.b", "attn.proj.w", "attn.proj.b"], dattn):
+        want[key] = val
+    dx_want, want["norm1.gamma"], want["norm1.beta"] = norm_layers.layer_norm_backward(c1, da_in)
+    dx_want = dx_want + dh
+
+    out, cache, _ = blk.forward(p, {}, x, key_mask=key_mask)
+    dx, grads = blk.backward(cache, g)
+    np.testing.assert_allclose(out, h + m, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx, dx_want, rtol=1e-9, atol=1e-11)
+    assert set(grads) == set(want)
+    for key in want:
+        np.testing.assert_allclose(grads[key], want[key], rtol=1e-9, atol=1e-11, err_msg=key)
+
+
 @settings(max_examples=3)
 @given(seed=seeds, pool=st.sampled_from(["cls", "mean"]), pos=st.sampled_from(["sincos", "learned"]))
 def test_vit_encoder_gradients(seed, pool, pos):

@@ -143,6 +143,23 @@ def _ln_init(d, dtype):
     return np.ones(d, dtype), np.zeros(d, dtype)
 
 
+def _norm_into_linear(params, norm, lin):
+    """(w', b') = (diag(gamma) w, beta w + b): the layer norm ``norm``'s scale and shift applied through the
+    linear map ``lin`` that reads its output, so that (x-hat gamma + beta) w + b = x-hat w' + b' (AT9)."""
+    gamma, beta, w = params[norm + ".gamma"], params[norm + ".beta"], params[lin + ".w"]
+    return gamma[:, None] * w, beta @ w + params[lin + ".b"]
+
+
+def _norm_into_linear_backward(params, norm, lin, dw_f, db_f, grads):
+    """The gradients of gamma, beta, w and b from those of the folded (w', b') (AT9):
+    dw = gamma dw' + beta db'^T (outer), db = db', dgamma_d = sum_j w_dj dw'_dj, dbeta = w db'."""
+    gamma, beta, w = params[norm + ".gamma"], params[norm + ".beta"], params[lin + ".w"]
+    grads[lin + ".w"] = gamma[:, None] * dw_f + beta[:, None] * db_f
+    grads[lin + ".b"] = db_f
+    grads[norm + ".gamma"] = np.einsum("dj,dj->d", w, dw_f)
+    grads[norm + ".beta"] = w @ db_f
+
+
 # -- block -------------------------------------------------------------------------------------------
 
 class BlockCache(NamedTuple):
@@ -156,6 +173,7 @@ class BlockCache(NamedTuple):
     fc2: tuple
     shape: tuple
     dtype: np.dtype
+    params: dict  # the block's parameters, for the gradients of the folded layer norms
 
 
 class TransformerBlock(Module):
@@ -165,6 +183,12 @@ class TransformerBlock(Module):
 
     Shapes: x (B, L, D) -> out (B, L, D).  Params ``norm1.*``, ``attn.*``, ``norm2.*``, ``fc1.*``
     (D, r D), ``fc2.*`` (r D, D).
+
+    Each layer norm's scale and shift are applied through the linear map that reads it (qkv, fc1):
+    ``layer_norm`` runs without them and the map gets w' = diag(gamma) w, b' = beta w + b
+    (derivations/attention_backward.md, AT9).  The function is the same; the two passes over the tokens
+    that scale and shift them, and three in backward, are saved, and the rounding differs in the last bits
+    (bit for bit the same while gamma = 1 and beta = 0, as at initialisation).
     """
 
     def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0):
@@ -183,29 +207,33 @@ class TransformerBlock(Module):
         return p, {}
 
     def forward(self, params, state, x, *, train=True, key_mask=None):
-        a_in, c_ln1 = _ln(params, "norm1", x)
-        a, c_attn, _ = self.attn.forward(subdict(params, "attn"), {}, a_in, key_mask=key_mask)
+        x_hat, c_ln1 = norm_layers.layer_norm_forward(x, None, None, eps=LN_EPS)
+        p_attn = subdict(params, "attn")
+        p_attn["qkv.w"], p_attn["qkv.b"] = _norm_into_linear(params, "norm1", "attn.qkv")
+        a, c_attn, _ = self.attn.forward(p_attn, {}, x_hat, key_mask=key_mask)
         # The residual sums accumulate into the fresh op outputs (neither op keeps its output in its
         # cache): no new (B, L, D) array per sum.
         h = np.add(a, x, out=a)
-        m_in, c_ln2 = _ln(params, "norm2", h)
-        u, c_fc1 = _lin(params, "fc1", m_in)
+        h_hat, c_ln2 = norm_layers.layer_norm_forward(h, None, None, eps=LN_EPS)
+        u, c_fc1 = linear.linear_forward(h_hat, *_norm_into_linear(params, "norm2", "fc1"))
         v, c_act = activations.gelu_forward(u)
         m, c_fc2 = _lin(params, "fc2", v)
-        cache = BlockCache(c_ln1, c_attn, c_ln2, c_fc1, c_act, c_fc2, x.shape, x.dtype)
+        cache = BlockCache(c_ln1, c_attn, c_ln2, c_fc1, c_act, c_fc2, x.shape, x.dtype, params)
         return np.add(m, h, out=m), cache, state
 
     def backward(self, cache, dout, *, need_dx=True):
-        grads = {}
+        grads, p = {}, cache.params
         # out = h + m: dout flows both into the MLP branch and straight to h.
         dv = _lin_backward(cache.fc2, dout, "fc2", grads)
         du = activations.gelu_backward(cache.act, dv)[0]
-        dm_in = _lin_backward(cache.fc1, du, "fc1", grads)
-        dh = _ln_backward(cache.ln2, dm_in, "norm2", grads)
+        dh_hat, dw1, db1 = linear.linear_backward(cache.fc1, du)
+        _norm_into_linear_backward(p, "norm2", "fc1", dw1, db1, grads)
+        dh = norm_layers.layer_norm_backward(cache.ln2, dh_hat)[0]
         dh += dout  # into the fresh gradient array; dout itself is not modified
-        da_in, g_attn = self.attn.backward(cache.attn, dh)
+        dx_hat, g_attn = self.attn.backward(cache.attn, dh)
+        _norm_into_linear_backward(p, "norm1", "attn.qkv", g_attn.pop("qkv.w"), g_attn.pop("qkv.b"), grads)
         grads.update(prefixed(g_attn, "attn"))
-        dx = _ln_backward(cache.ln1, da_in, "norm1", grads)
+        dx = norm_layers.layer_norm_backward(cache.ln1, dx_hat)[0]
         dx += dh
         return dx, grads
 
