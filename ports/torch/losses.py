@@ -616,9 +616,12 @@ def batch_norm_eval(x, gamma, beta, running_mean, running_var, *, eps=1e-5):
 
 
 def layer_norm(x, gamma, beta, *, eps=1e-5):
-    """LayerNorm over the last axis (biased variance)."""
+    """LayerNorm over the last axis (biased variance); gamma and/or beta may be None (no scale / shift)."""
     xc = x - x.mean(-1, keepdim=True)
-    return gamma * xc / torch.sqrt(xc.pow(2).mean(-1, keepdim=True) + eps) + beta
+    y = xc / torch.sqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    if gamma is not None:
+        y = gamma * y
+    return y if beta is None else y + beta
 
 
 def conv2d(x, w, b, *, stride=1, padding=0):
