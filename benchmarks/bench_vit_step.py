@@ -192,7 +192,7 @@ def main(argv=None) -> int:
 
 # -- per-layer-type table ------------------------------------------------------------------------------
 
-ORDER = ["patch embed", "layer norm", "qkv linear", "attention core", "proj linear", "fc1", "gelu", "fc2",
+ORDER = ["patch embed", "layer norm", "final norm", "qkv linear", "attention core", "proj linear", "fc1", "gelu", "fc2",
          "loss (head + CE)"]
 
 
@@ -203,7 +203,7 @@ def _refssl_layers(vit, params, images, labels, np):
     between its two linears); "attention op" is that whole op, for the footnote."""
     from refssl.nn import transformer as T
     from refssl.nn.io import subdict
-    from refssl.ops import activations, attention, cross_entropy, linear
+    from refssl.ops import activations, attention, cross_entropy, linear, norm_layers
 
     depth, d, heads = vit.depth, vit.dim, vit.n_heads
     b, length = len(images), vit.n_patches + 1
@@ -231,7 +231,11 @@ def _refssl_layers(vit, params, images, labels, np):
         linear.linear_backward(c[0], cross_entropy.cross_entropy_backward(c[1], g)[0])
 
     add("patch embed", 1, lambda: vit.embed_patches(pe, images), lambda c, g: vit.embed_patches_backward(c, g, {}))
-    add("layer norm", 2 * depth + 1, lambda: T._ln(pb, "norm1", x), lambda c, g: T._ln_backward(c, g, "norm1", {}))
+    # the blocks' layer norms run without gamma and beta (applied through the next linear map); the final
+    # norm with them
+    add("layer norm", 2 * depth, lambda: norm_layers.layer_norm_forward(x, None, None, eps=T.LN_EPS),
+        norm_layers.layer_norm_backward)
+    add("final norm", 1, lambda: T._ln(pb, "norm1", x), lambda c, g: T._ln_backward(c, g, "norm1", {}))
     add("qkv linear", depth, lambda: T._lin(pa, "qkv", x), lambda c, g: T._lin_backward(c, g, "qkv", {}))
     add("attention core", depth, lambda: attention.scaled_dot_product_attention_forward(q, k, v),
         attention.scaled_dot_product_attention_backward)
@@ -268,8 +272,10 @@ def _torch_layers(vit, params, images, labels, torch, tv):
     spec = {
         "patch embed": (1, lambda: tv.linear(tv.patchify(timages, vit.patch), tp, "patch"),
                         [tp["patch.w"], tp["patch.b"]]),
-        "layer norm": (2 * vit.depth + 1,
+        "layer norm": (2 * vit.depth,
                        lambda: F.layer_norm(x, (d,), pb["norm1.gamma"], pb["norm1.beta"], eps=tv.LN_EPS),
+                       [x, pb["norm1.gamma"], pb["norm1.beta"]]),
+        "final norm": (1, lambda: F.layer_norm(x, (d,), pb["norm1.gamma"], pb["norm1.beta"], eps=tv.LN_EPS),
                        [x, pb["norm1.gamma"], pb["norm1.beta"]]),
         "qkv linear": (vit.depth, lambda: tv.linear(x, pb, "attn.qkv"), [x, pb["attn.qkv.w"], pb["attn.qkv.b"]]),
         "attention core": (vit.depth, lambda: F.scaled_dot_product_attention(q, k, v), [q, k, v]),
@@ -324,8 +330,8 @@ def layer_table(vit, params, images, labels, repeats, med, np, torch, tv):
           f"{'':>9} {'':>7} {tot_t:>8.1f} | {tot_r / tot_t:>5.2f}")
     print(f"  {'rest of the step':<21} | {'':>10} {'':>7} {rest_r:>8.1f} {rest_r / med['refssl']:>6.0%} | "
           f"{'':>9} {'':>7} {rest_t:>8.1f} |")
-    print("  (rest: residual adds, head split / merge copies, CLS concatenation, slices, dict work; "
-          "torch's rest is measured against its SDPA step)")
+    print("  (rest: residual adds, head split / merge copies, CLS concatenation, slices, the folded norm weights, "
+          "dict work; torch's rest is measured against its SDPA step)")
     (wf, wb) = t["attention op"]
     parts = [t[k] for k in ("qkv linear", "attention core", "proj linear")]
     print(f"  refssl multi_head_attention op whole: fwd {wf:.2f} bwd {wb:.2f} ms/call; its qkv linear + core + "
