@@ -219,6 +219,7 @@ def test_rowsum_shortcut(seed, shape, masked):
 
 
 @pytest.mark.derivation("attention_backward.md#AT5")
+@pytest.mark.derivation("attention_backward.md#AT8")
 @given(seed=seeds, shape=shapes)
 def test_scale_is_a_prescaled_query(seed, shape):
     rng = np.random.default_rng(seed)
@@ -235,25 +236,12 @@ def test_scale_is_a_prescaled_query(seed, shape):
     np.testing.assert_allclose(dq, c * (ds @ k), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(dk, np.swapaxes(ds, -1, -2) @ (c * q), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(dv, np.swapaxes(p, -1, -2) @ g, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.derivation("attention_backward.md#AT8")
-@given(seed=seeds, shape=shapes)
-def test_scale_taken_into_ds_gives_the_query_and_key_gradients(seed, shape):
-    rng = np.random.default_rng(seed)
-    q, k, v, g = qkvg(rng, *shape)
-    c = 1 / np.sqrt(shape[4])
-    _, cache, (dq, dk, _, _) = run(SDPA, (q, k, v, None), g)
-    p = attention.attention_probs(cache)
-    out = p @ v
-    # c dS from the scaled upstream and the scaled row sums, then the two products with no further factor
-    cds = p * (np.einsum("bhie,bhje->bhij", c * g, v) - c * np.sum(g * out, axis=-1, keepdims=True))
+    # AT8: c dS from the scaled upstream and the scaled row sums (rowsum(g * O), AT4), then the two products
+    # with no further factor
+    cds = p * (np.einsum("bhie,bhje->bhij", c * g, v) - c * np.sum(g * (p @ v), axis=-1, keepdims=True))
+    np.testing.assert_allclose(cds, c * ds, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(dq, cds @ k, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(dk, np.swapaxes(cds, -1, -2) @ q, rtol=1e-9, atol=1e-12)
-    # the same as c times the unscaled dS of (AT2) with dP = g V^T
-    dp = np.einsum("bhie,bhje->bhij", g, v)
-    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-    np.testing.assert_allclose(cds, c * ds, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.derivation("attention_backward.md#AT6")

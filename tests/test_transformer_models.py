@@ -52,20 +52,26 @@ def _images(rng, n, size=8, c=3):
     return rng.random((n, c, size, size))
 
 
-@settings(max_examples=4)
-@given(seed=seeds, masked=st.booleans())
-def test_transformer_block_gradients(seed, masked):
-    """One pre-norm block, inputs and every parameter, with and without a padding mask."""
-    rng = np.random.default_rng(seed)
+def _block_case(rng, masked, spread):
+    """A float64 block (D = 8, 2 heads, MLP 16) with every parameter moved off its initial value by
+    ``spread`` N(0, 1) (so gamma != 1 and beta != 0), input x (2, L, 8), a padding mask or None, upstream g."""
     b, length, d = 2, int(rng.integers(2, 6)), 8
     blk = TransformerBlock(d, n_heads=2, mlp_ratio=2)
-    params = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in blk.init(rng, np.float64)[0].items()}
+    params = {k: v + spread * rng.standard_normal(v.shape) for k, v in blk.init(rng, np.float64)[0].items()}
     x = rng.standard_normal((b, length, d))
     key_mask = None
     if masked:
         key_mask = rng.random((b, length)) < 0.7
         key_mask[:, 0] = True
-    g = rng.standard_normal((b, length, d))
+    return blk, params, x, key_mask, rng.standard_normal((b, length, d))
+
+
+@settings(max_examples=4)
+@given(seed=seeds, masked=st.booleans())
+def test_transformer_block_gradients(seed, masked):
+    """One pre-norm block, inputs and every parameter, with and without a padding mask."""
+    rng = np.random.default_rng(seed)
+    blk, params, x, key_mask, g = _block_case(rng, masked, spread=0.1)
 
     def loss(p):
         out, cache, _ = blk.forward(p, {}, x, key_mask=key_mask)
@@ -96,15 +102,8 @@ def test_block_with_norms_folded_equals_the_ops_composed_as_written(seed, masked
     from refssl.ops import activations, attention, linear, norm_layers
 
     rng = np.random.default_rng(seed)
-    b, length, d, heads = 2, int(rng.integers(2, 6)), 8, 2
-    blk = TransformerBlock(d, n_heads=heads, mlp_ratio=2)
-    p = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in blk.init(rng, np.float64)[0].items()}
-    x = rng.standard_normal((b, length, d))
-    key_mask = None
-    if masked:
-        key_mask = rng.random((b, length)) < 0.7
-        key_mask[:, 0] = True
-    g = rng.standard_normal((b, length, d))
+    blk, p, x, key_mask, g = _block_case(rng, masked, spread=0.3)
+    heads = blk.n_heads
 
     a_in, c1 = norm_layers.layer_norm_forward(x, p["norm1.gamma"], p["norm1.beta"], eps=1e-6)
     a, ca = attention.multi_head_attention_forward(a_in, p["attn.qkv.w"], p["attn.qkv.b"], p["attn.proj.w"],
