@@ -60,6 +60,7 @@ def _workloads(np, rows: slice, with_torch: bool):
 
 def _torch_vit_step(params, images, labels):
     import torch
+    from bench_vit_step import torch_vit_tiny_loss
 
     from ports.torch import vit as tv
 
@@ -69,8 +70,7 @@ def _torch_vit_step(params, images, labels):
     def step():
         for t in tp.values():
             t.grad = None
-        pooled = tv.vit_forward(tp, timages, patch=4, n_heads=4, pool="cls", sdpa=True)
-        torch.nn.functional.cross_entropy(tv.linear(pooled, tp, "head"), tlabels).backward()
+        torch_vit_tiny_loss(torch, tv, tp, timages, tlabels, sdpa=True).backward()
 
     return step
 

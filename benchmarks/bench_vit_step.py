@@ -93,6 +93,12 @@ def vit_tiny(np, rng, images, labels):
     return vit, params, step
 
 
+def torch_vit_tiny_loss(torch, tv, tp, timages, tlabels, sdpa):
+    """The same model's loss in torch autograd (``ports/torch/vit.py``) on its weights ``tp`` (loaded from
+    refssl's dict): attention written out, or ``F.scaled_dot_product_attention`` when ``sdpa``."""
+    pooled = tv.vit_forward(tp, timages, patch=4, n_heads=4, pool="cls", sdpa=sdpa)
+    return torch.nn.functional.cross_entropy(tv.linear(pooled, tp, "head"), tlabels)
+
 
 def main(argv=None) -> int:
     global _clock
@@ -124,8 +130,7 @@ def main(argv=None) -> int:
         tlabels = torch.as_tensor(labels)
 
         def torch_loss(tp, timages, sdpa):
-            pooled = tv.vit_forward(tp, timages, patch=4, n_heads=4, pool="cls", sdpa=sdpa)
-            return torch.nn.functional.cross_entropy(tv.linear(pooled, tp, "head"), tlabels)
+            return torch_vit_tiny_loss(torch, tv, tp, timages, tlabels, sdpa)
         what = (f"ViT-tiny (D=128, 4 blocks, 4 heads, MLP 512, 65 tokens) + linear head + cross-entropy, "
                 f"batch {n}")
     else:
@@ -269,14 +274,13 @@ def _torch_layers(vit, params, images, labels, torch, tv):
     pb = {key[len("blocks.0."):]: val for key, val in tp.items() if key.startswith("blocks.0.")}
     scale = (d // heads) ** -0.5
 
+    norm = (lambda: F.layer_norm(x, (d,), pb["norm1.gamma"], pb["norm1.beta"], eps=tv.LN_EPS),
+            [x, pb["norm1.gamma"], pb["norm1.beta"]])
     spec = {
         "patch embed": (1, lambda: tv.linear(tv.patchify(timages, vit.patch), tp, "patch"),
                         [tp["patch.w"], tp["patch.b"]]),
-        "layer norm": (2 * vit.depth,
-                       lambda: F.layer_norm(x, (d,), pb["norm1.gamma"], pb["norm1.beta"], eps=tv.LN_EPS),
-                       [x, pb["norm1.gamma"], pb["norm1.beta"]]),
-        "final norm": (1, lambda: F.layer_norm(x, (d,), pb["norm1.gamma"], pb["norm1.beta"], eps=tv.LN_EPS),
-                       [x, pb["norm1.gamma"], pb["norm1.beta"]]),
+        "layer norm": (2 * vit.depth, *norm),  # torch's model applies gamma and beta in every norm
+        "final norm": (1, *norm),
         "qkv linear": (vit.depth, lambda: tv.linear(x, pb, "attn.qkv"), [x, pb["attn.qkv.w"], pb["attn.qkv.b"]]),
         "attention core": (vit.depth, lambda: F.scaled_dot_product_attention(q, k, v), [q, k, v]),
         "attention written out": (0, lambda: torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v,
